@@ -1,0 +1,135 @@
+/*
+ * pyvmm native core: the vCPU run loop and the address-range I/O buses.
+ *
+ * The part between "cdef-begin" and "cdef-end" is read verbatim by cffi
+ * (pyvmm/_build_native.py), so it must stay plain C declarations: no
+ * #include, no #if, and only integer #defines.
+ *
+ * Life of an exit (see vcpu_loop.c):
+ *   KVM_RUN returns -> count it -> PIO/MMIO: find the range on the bus and call
+ *   its handler (a C device, or pv_py_io which takes the GIL and calls Python)
+ *   -> re-enter KVM_RUN.  Anything else ends pv_vcpu_run() with an outcome.
+ */
+#ifndef PYVMM_H
+#define PYVMM_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+#define PV_MAX_RANGES 64          /* devices per bus; ranges are few and fixed */
+#define PV_EXIT_REASONS 64        /* KVM_EXIT_* values counted one by one; larger ones land in the last slot */
+#define PV_NAME_LEN 24
+#define PV_DEBUGCON_BUF 65536
+
+/* Return values of a device handler. */
+#define PV_IO_OK 0
+#define PV_IO_STOP 1              /* the device asks the vCPU to stop; outcome PV_OUT_DEVICE_STOP */
+#define PV_IO_ERROR -1            /* the handler failed; outcome PV_OUT_HANDLER_ERROR */
+
+/* Why pv_vcpu_run() returned. */
+#define PV_OUT_HALT 1             /* HLT with no in-kernel irqchip */
+#define PV_OUT_SHUTDOWN 2         /* triple fault */
+#define PV_OUT_SYSTEM_EVENT 3     /* PSCI-like shutdown/reset/crash from KVM; info[0] = type */
+#define PV_OUT_INTERNAL_ERROR 4   /* suberror + info[0..ndata) as KVM gave them */
+#define PV_OUT_FAIL_ENTRY 5       /* info[0] = hardware_entry_failure_reason */
+#define PV_OUT_STOPPED 6          /* another thread called pv_vcpu_kick() */
+#define PV_OUT_DEVICE_STOP 7      /* a handler returned PV_IO_STOP; data = value written */
+#define PV_OUT_HANDLER_ERROR 8    /* a handler returned PV_IO_ERROR */
+#define PV_OUT_UNHANDLED_PIO 9    /* strict mode: no device at addr */
+#define PV_OUT_UNHANDLED_MMIO 10  /* strict mode: no device and no RAM at addr */
+#define PV_OUT_UNKNOWN_EXIT 11    /* an exit reason the loop does not handle; see exit_reason */
+#define PV_OUT_RUN_ERROR 12       /* KVM_RUN failed; err = errno */
+
+#define PV_BUS_PIO 0
+#define PV_BUS_MMIO 1
+
+/* A device handler: offset is relative to the start of the range, data holds
+ * len bytes (1, 2, 4 or 8), read into or written from. */
+typedef int (*pv_io_fn)(void *opaque, uint64_t offset, uint8_t *data, uint32_t len, int is_write);
+
+struct pv_range {
+    uint64_t base;
+    uint64_t len;
+    pv_io_fn fn;
+    void *opaque;
+    char name[24];
+};
+
+struct pv_bus {
+    uint32_t n;                   /* ranges in use, sorted by base, never overlapping */
+    struct pv_range ranges[64];
+};
+
+struct pv_machine {
+    struct pv_bus buses[2];       /* [PV_BUS_PIO], [PV_BUS_MMIO] */
+    int strict;                   /* unhandled access ends the run instead of reading as all-ones */
+};
+
+struct pv_outcome {
+    int kind;                     /* PV_OUT_* */
+    uint32_t exit_reason;         /* the KVM_EXIT_* that ended the run */
+    int err;                      /* errno for PV_OUT_RUN_ERROR */
+    int range_index;              /* device involved, or -1 */
+    int bus;                      /* PV_BUS_* for I/O outcomes */
+    uint64_t addr;
+    uint32_t len;
+    uint32_t is_write;
+    uint64_t data;
+    uint32_t suberror;
+    uint32_t ndata;
+    uint64_t info[16];
+};
+
+struct pv_vcpu {
+    int fd;
+    int index;
+    uint64_t exits[64];           /* by KVM_EXIT_* reason */
+    uint64_t dev_exits[2][64];    /* by [bus][range index] */
+    uint64_t unhandled[2];        /* accesses that hit no device, by bus */
+    uint64_t interrupted;         /* KVM_RUN returned EINTR without a stop request */
+    void *priv;                   /* struct pv_vcpu_private: kvm_run, thread, lock */
+};
+
+/* Returns 0, or -errno if the mmap of kvm_run fails. */
+int pv_vcpu_init(struct pv_vcpu *vcpu, int fd, int index, size_t run_size, struct pv_machine *machine);
+void pv_vcpu_destroy(struct pv_vcpu *vcpu);
+/* Runs the vCPU until something needs the caller; the GIL is released (cffi API mode). */
+void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out);
+/* Safe from any thread: makes the vCPU leave KVM_RUN and return PV_OUT_STOPPED. */
+void pv_vcpu_kick(struct pv_vcpu *vcpu);
+/* Drops a kick that has not been consumed yet (pause/resume races). */
+void pv_vcpu_clear_kick(struct pv_vcpu *vcpu);
+
+void pv_machine_init(struct pv_machine *m);
+/* 0, or -EINVAL (empty/wrapping range), -EEXIST (overlap), -ENOSPC (bus full). */
+int pv_bus_add(struct pv_bus *bus, uint64_t base, uint64_t len, pv_io_fn fn, void *opaque, const char *name);
+/* Index of the range holding addr, or -1. */
+int pv_bus_find(const struct pv_bus *bus, uint64_t addr);
+
+/* C devices (one file each in csrc/). */
+struct pv_debugcon {              /* like QEMU's isa-debugcon: bytes written are buffered */
+    uint32_t head;
+    uint32_t tail;
+    uint64_t dropped;             /* bytes lost because Python did not drain in time */
+    void *lock;                   /* pthread_mutex_t: several vCPUs may write at once */
+    uint8_t buf[65536];
+};
+int pv_debugcon_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len, int is_write);
+int pv_debugcon_init(struct pv_debugcon *d);
+void pv_debugcon_destroy(struct pv_debugcon *d);
+size_t pv_debugcon_drain(struct pv_debugcon *d, uint8_t *out, size_t max);
+
+struct pv_debugexit {             /* like QEMU's isa-debug-exit: a write stops the vCPU */
+    uint64_t last_value;
+};
+int pv_debugexit_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len, int is_write);
+
+struct pv_scratch {               /* a register file that reads back what was written */
+    uint64_t reads;
+    uint64_t writes;
+    uint8_t bytes[4096];
+};
+int pv_scratch_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len, int is_write);
+/* cdef-end */
+
+#endif

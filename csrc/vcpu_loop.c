@@ -1,0 +1,284 @@
+/*
+ * The vCPU exit loop (kvmtool's kvm-cpu.c, in miniature).
+ *
+ * pv_vcpu_run() is called from a Python thread through cffi, which releases
+ * the GIL for the whole call.  PIO and MMIO exits are served here by looking
+ * the address up on the machine's buses; the GIL is only taken again when the
+ * range belongs to a Python device (pv_py_io is a cffi extern "Python").
+ * Nothing is allocated per exit.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <linux/kvm.h>
+#include "pyvmm.h"
+
+struct pv_vcpu_private {
+    struct kvm_run *run;
+    size_t run_size;
+    struct pv_machine *machine;
+    pthread_mutex_t lock;     /* guards in_run/thread against a concurrent kick */
+    int in_run;
+    pthread_t thread;
+    volatile int stop_requested;
+};
+
+/* The kick signal only has to interrupt KVM_RUN (EINTR); immediate_exit,
+ * set before the signal is sent, closes the race with entering KVM_RUN. */
+static int kick_signal;
+static pthread_once_t kick_once = PTHREAD_ONCE_INIT;
+
+static void kick_handler(int sig) { (void)sig; }
+
+static void install_kick_handler(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler;   /* no SA_RESTART: KVM_RUN must return EINTR */
+    sigemptyset(&sa.sa_mask);
+    kick_signal = SIGRTMIN + 3;
+    sigaction(kick_signal, &sa, NULL);
+}
+
+int pv_vcpu_init(struct pv_vcpu *vcpu, int fd, int index, size_t run_size, struct pv_machine *machine)
+{
+    struct pv_vcpu_private *p;
+    void *run;
+
+    pthread_once(&kick_once, install_kick_handler);
+    memset(vcpu, 0, sizeof(*vcpu));
+    run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (run == MAP_FAILED)
+        return -errno;
+    p = calloc(1, sizeof(*p));
+    if (!p) {
+        munmap(run, run_size);
+        return -ENOMEM;
+    }
+    p->run = run;
+    p->run_size = run_size;
+    p->machine = machine;
+    pthread_mutex_init(&p->lock, NULL);
+    vcpu->fd = fd;
+    vcpu->index = index;
+    vcpu->priv = p;
+    return 0;
+}
+
+void pv_vcpu_destroy(struct pv_vcpu *vcpu)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+
+    if (!p)
+        return;
+    munmap(p->run, p->run_size);
+    pthread_mutex_destroy(&p->lock);
+    free(p);
+    vcpu->priv = NULL;
+}
+
+void pv_vcpu_kick(struct pv_vcpu *vcpu)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+
+    p->stop_requested = 1;
+    __atomic_store_n(&p->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&p->lock);
+    if (p->in_run)
+        pthread_kill(p->thread, kick_signal);
+    pthread_mutex_unlock(&p->lock);
+}
+
+void pv_vcpu_clear_kick(struct pv_vcpu *vcpu)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+
+    p->stop_requested = 0;
+    __atomic_store_n(&p->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Serve one access of len bytes at addr; returns PV_IO_* or 2 for "no device". */
+static int dispatch(struct pv_vcpu *vcpu, int bus_id, uint64_t addr, uint8_t *data,
+                    uint32_t len, int is_write, int *range_out)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+    const struct pv_bus *bus = &p->machine->buses[bus_id];
+    int i = pv_bus_find(bus, addr);
+    const struct pv_range *r;
+
+    *range_out = i;
+    if (i < 0 || addr + len > bus->ranges[i].base + bus->ranges[i].len) {
+        vcpu->unhandled[bus_id]++;
+        if (!is_write)
+            memset(data, 0xff, len);    /* an empty bus floats high */
+        return 2;
+    }
+    r = &bus->ranges[i];
+    vcpu->dev_exits[bus_id][i]++;
+    return r->fn(r->opaque, addr - r->base, data, len, is_write);
+}
+
+static void io_outcome(struct pv_outcome *out, int kind, int bus, int range, uint64_t addr,
+                       const uint8_t *data, uint32_t len, int is_write)
+{
+    out->kind = kind;
+    out->bus = bus;
+    out->range_index = range;
+    out->addr = addr;
+    out->len = len;
+    out->is_write = is_write;
+    out->data = 0;
+    memcpy(&out->data, data, len < 8 ? len : 8);
+}
+
+/* Returns 1 when the exit ended the run (out filled), 0 to keep running. */
+static int handle_pio(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outcome *out)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    int is_write = run->io.direction == KVM_EXIT_IO_OUT;
+    uint32_t size = run->io.size, i;
+    int range, rc;
+
+    /* data_offset and count*size come from the kernel and stay inside the page,
+     * but check anyway: a broken host module must not make us scribble. */
+    if (run->io.data_offset + (uint64_t)size * run->io.count > p->run_size || size > 8) {
+        out->kind = PV_OUT_UNKNOWN_EXIT;
+        return 1;
+    }
+    for (i = 0; i < run->io.count; i++, data += size) {   /* count > 1 for rep ins/outs */
+        rc = dispatch(vcpu, PV_BUS_PIO, run->io.port, data, size, is_write, &range);
+        if (rc == PV_IO_OK)
+            continue;
+        if (rc == 2 && !p->machine->strict)
+            continue;
+        io_outcome(out, rc == PV_IO_STOP ? PV_OUT_DEVICE_STOP :
+                        rc == PV_IO_ERROR ? PV_OUT_HANDLER_ERROR : PV_OUT_UNHANDLED_PIO,
+                   PV_BUS_PIO, range, run->io.port, data, size, is_write);
+        return 1;
+    }
+    return 0;
+}
+
+static int handle_mmio(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outcome *out)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+    uint32_t len = run->mmio.len;
+    int range, rc;
+
+    if (len > sizeof(run->mmio.data)) {
+        out->kind = PV_OUT_UNKNOWN_EXIT;
+        return 1;
+    }
+    rc = dispatch(vcpu, PV_BUS_MMIO, run->mmio.phys_addr, run->mmio.data, len,
+                  run->mmio.is_write, &range);
+    if (rc == PV_IO_OK || (rc == 2 && !p->machine->strict))
+        return 0;
+    io_outcome(out, rc == PV_IO_STOP ? PV_OUT_DEVICE_STOP :
+                    rc == PV_IO_ERROR ? PV_OUT_HANDLER_ERROR : PV_OUT_UNHANDLED_MMIO,
+               PV_BUS_MMIO, range, run->mmio.phys_addr, run->mmio.data, len, run->mmio.is_write);
+    return 1;
+}
+
+static void copy_internal_error(struct kvm_run *run, struct pv_outcome *out)
+{
+    uint32_t n = run->internal.ndata;
+
+    if (n > 16)
+        n = 16;
+    out->suberror = run->internal.suberror;
+    out->ndata = n;
+    memcpy(out->info, run->internal.data, n * sizeof(uint64_t));
+}
+
+static void copy_system_event(struct kvm_run *run, struct pv_outcome *out)
+{
+    out->info[0] = run->system_event.type;
+#ifdef KVM_SYSTEM_EVENT_NDATA_VALID
+    out->ndata = run->system_event.ndata < 15 ? run->system_event.ndata : 15;
+    memcpy(&out->info[1], run->system_event.data, out->ndata * sizeof(uint64_t));
+#endif
+}
+
+/* Returns 1 when the exit ended the run. */
+static int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outcome *out)
+{
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+        return handle_pio(vcpu, run, out);
+    case KVM_EXIT_MMIO:
+        return handle_mmio(vcpu, run, out);
+    case KVM_EXIT_HLT:
+        out->kind = PV_OUT_HALT;
+        return 1;
+    case KVM_EXIT_SHUTDOWN:
+        out->kind = PV_OUT_SHUTDOWN;
+        return 1;
+    case KVM_EXIT_SYSTEM_EVENT:
+        out->kind = PV_OUT_SYSTEM_EVENT;
+        copy_system_event(run, out);
+        return 1;
+    case KVM_EXIT_INTERNAL_ERROR:
+        out->kind = PV_OUT_INTERNAL_ERROR;
+        copy_internal_error(run, out);
+        return 1;
+    case KVM_EXIT_FAIL_ENTRY:
+        out->kind = PV_OUT_FAIL_ENTRY;
+        out->info[0] = run->fail_entry.hardware_entry_failure_reason;
+        out->ndata = 1;
+        return 1;
+    case KVM_EXIT_IRQ_WINDOW_OPEN:
+    case KVM_EXIT_INTR:
+        return 0;
+    default:
+        out->kind = PV_OUT_UNKNOWN_EXIT;
+        return 1;
+    }
+}
+
+void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
+{
+    struct pv_vcpu_private *p = vcpu->priv;
+    struct kvm_run *run = p->run;
+
+    memset(out, 0, sizeof(*out));
+    out->range_index = -1;
+    pthread_mutex_lock(&p->lock);
+    p->thread = pthread_self();
+    p->in_run = 1;
+    pthread_mutex_unlock(&p->lock);
+
+    for (;;) {
+        if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
+            int err = errno;
+
+            if (err == EINTR || err == EAGAIN) {
+                if (p->stop_requested) {
+                    pv_vcpu_clear_kick(vcpu);
+                    out->kind = PV_OUT_STOPPED;
+                    out->exit_reason = KVM_EXIT_INTR;
+                    break;
+                }
+                vcpu->interrupted++;
+                continue;
+            }
+            out->kind = PV_OUT_RUN_ERROR;
+            out->err = err;
+            break;
+        }
+        vcpu->exits[run->exit_reason < PV_EXIT_REASONS ? run->exit_reason : PV_EXIT_REASONS - 1]++;
+        if (handle_exit(vcpu, run, out)) {
+            out->exit_reason = run->exit_reason;
+            break;
+        }
+    }
+
+    pthread_mutex_lock(&p->lock);
+    p->in_run = 0;
+    pthread_mutex_unlock(&p->lock);
+}

@@ -1,0 +1,1 @@
+"""pyvmm: a virtual machine monitor on /dev/kvm, orchestrated from Python."""

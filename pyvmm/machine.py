@@ -1,0 +1,278 @@
+"""A machine: one VM fd, its RAM, its buses and devices, and a thread per vCPU.
+
+This is the layer everything else builds on.  Boot code (pyvmm.boot) fills
+memory and registers; device models register on the buses; the lifecycle
+(start, stop, wait) lives here.
+
+Devices sit on an address-range bus (PIO or MMIO) behind a tiny interface:
+
+    class MyDevice:
+        def read(self, offset: int, size: int) -> bytes: ...
+        def write(self, offset: int, data: bytes) -> None: ...
+
+Python devices are called from the vCPU thread with the GIL taken just for the
+call; C devices (csrc/dev_*.c) are called without it.  A device may raise
+StopVcpu from either method to end the vCPU's run with OutcomeKind.DEVICE_STOP.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm import Kvm, Outcome, OutcomeKind, VcpuFd, VmFd, ffi, lib
+from pyvmm.memory import GuestMemory, x86_layout
+
+# Intel VMX needs three pages for its real-mode TSS and one for an identity
+# page table, somewhere outside RAM and MMIO (api.rst 4.48 and 4.43); these
+# are Firecracker's and QEMU's choices, just under the BIOS area at 4 GiB.
+KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+class Bus(enum.IntEnum):
+    PIO = lib.PV_BUS_PIO
+    MMIO = lib.PV_BUS_MMIO
+
+
+class MachineError(PyvmmError):
+    """Bad machine configuration or use (overlapping devices, running twice...)."""
+
+
+class DeviceError(PyvmmError):
+    """A Python device handler raised; the original exception is the __cause__."""
+
+
+class StopVcpu(Exception):
+    """Raised by a device handler to end its vCPU's run (OutcomeKind.DEVICE_STOP)."""
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@dataclass
+class DeviceBinding:
+    """A device's place on a bus; `index` is its range index in the C bus."""
+    name: str
+    bus: Bus
+    base: int
+    length: int
+    device: Any
+    handle: Any = None          # cffi handle (Python devices) or the C state (C devices)
+    error: BaseException | None = None
+
+
+@ffi.def_extern()
+def pv_py_io(opaque: Any, offset: int, data: Any, length: int, is_write: int) -> int:
+    binding: DeviceBinding = ffi.from_handle(opaque)
+    try:
+        if is_write:
+            binding.device.write(offset, ffi.buffer(data, length)[:])
+        else:
+            value = binding.device.read(offset, length)
+            if len(value) != length:
+                raise ValueError(f"{binding.name}.read returned {len(value)} bytes, not {length}")
+            ffi.memmove(data, value, length)
+        return lib.PV_IO_OK
+    except StopVcpu:
+        return lib.PV_IO_STOP
+    except BaseException as exc:  # noqa: BLE001 - reported through the outcome
+        binding.error = exc
+        return lib.PV_IO_ERROR
+
+
+# An exit hook sees every outcome before the machine treats it as final; it
+# returns True when it has dealt with it and the vCPU should run on.
+ExitHook = Callable[[VcpuFd, Outcome], bool]
+
+
+class Machine:
+    """A VM with RAM, buses and vCPUs, but no firmware: callers load the guest."""
+
+    def __init__(self, mem_size: int = 128 << 20, vcpus: int = 1, *, irqchip: bool = True,
+                 strict: bool = False, layout: list[tuple[int, int]] | None = None,
+                 end_on_first_exit: bool = True, kvm: Kvm | None = None) -> None:
+        self.kvm = kvm or Kvm()
+        self._owns_kvm = kvm is None
+        if not 1 <= vcpus <= self.kvm.max_vcpus:
+            raise MachineError(f"cannot create {vcpus} vCPUs: this host allows 1 to "
+                               f"{self.kvm.max_vcpus}")
+        self.vm = VmFd(self.kvm.create_vm())
+        self.memory = GuestMemory(layout or x86_layout(mem_size))
+        self.vcpus: list[VcpuFd] = []
+        self.bindings: dict[Bus, list[DeviceBinding]] = {Bus.PIO: [], Bus.MMIO: []}
+        self.exit_hooks: list[ExitHook] = []
+        self.outcome: Outcome | None = None            # the first final outcome
+        self.outcomes: list[Outcome | None] = [None] * vcpus
+        # Linux guests: the first vCPU to end ends the VM.  Test guests may let
+        # each vCPU run to its own end instead.
+        self.end_on_first_exit = end_on_first_exit
+        self.device_error: DeviceError | None = None
+        self._native = ffi.new("struct pv_machine *")
+        self._c_state: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._closed = False
+        lib.pv_machine_init(self._native)
+        self._native.strict = int(strict)
+        try:
+            if irqchip:
+                self.vm.set_tss_addr(KVM_TSS_ADDRESS)
+                self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDRESS)
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            for region in self.memory.regions:
+                self.vm.set_user_memory_region(region.slot, region.gpa, region.size,
+                                               region.host_addr)
+            for index in range(vcpus):
+                fd = self.vm.create_vcpu(index)
+                self.vcpus.append(VcpuFd(fd, index, self.kvm.vcpu_mmap_size, self._native,
+                                         self._device_name))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- devices ---------------------------------------------------------------
+
+    def _add_range(self, bus: Bus, base: int, length: int, fn: Any, opaque: Any,
+                   binding: DeviceBinding) -> DeviceBinding:
+        if self._threads:
+            raise MachineError(f"cannot add {binding.name}: the machine is running")
+        rc = lib.pv_bus_add(ffi.addressof(self._native.buses[bus]), base, length, fn, opaque,
+                            binding.name.encode()[:23])
+        if rc < 0:
+            reasons = {-22: "the range is empty or wraps", -17: "it overlaps another device",
+                       -28: f"the bus is full ({lib.PV_MAX_RANGES} devices)"}
+            raise MachineError(f"cannot place {binding.name} at {bus.name} {base:#x}+{length:#x}:"
+                               f" {reasons.get(rc, rc)}")
+        self.bindings[bus].append(binding)
+        self.bindings[bus].sort(key=lambda b: b.base)
+        return binding
+
+    def add_device(self, bus: Bus, base: int, length: int, device: Device,
+                   name: str | None = None) -> DeviceBinding:
+        """Put a Python device on a bus; its handlers run with the GIL."""
+        binding = DeviceBinding(name or type(device).__name__, bus, base, length, device)
+        binding.handle = ffi.new_handle(binding)
+        return self._add_range(bus, base, length, lib.pv_py_io, binding.handle, binding)
+
+    def add_c_device(self, bus: Bus, base: int, length: int, fn: Any, state: Any,
+                     name: str) -> DeviceBinding:
+        """Put a C device (a pv_io_fn from csrc/ and its state) on a bus."""
+        binding = DeviceBinding(name, bus, base, length, state, handle=state)
+        self._c_state.append(state)
+        return self._add_range(bus, base, length, fn, state, binding)
+
+    def _device_name(self, bus: int, index: int) -> str | None:
+        bindings = self.bindings[Bus(bus)]
+        return bindings[index].name if 0 <= index < len(bindings) else None
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one thread per vCPU; returns at once."""
+        if self._threads:
+            raise MachineError("the machine is already running")
+        for vcpu in self.vcpus:
+            thread = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
+                                      name=f"vcpu{vcpu.index}", daemon=True)
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    def _vcpu_thread(self, vcpu: VcpuFd) -> None:
+        while True:
+            outcome = vcpu.run()
+            if outcome.kind == OutcomeKind.STOPPED and not self._stopping:
+                continue        # a stale kick, e.g. from a vCPU that already finished
+            if outcome.kind != OutcomeKind.STOPPED and \
+                    any(hook(vcpu, outcome) for hook in self.exit_hooks):
+                continue
+            self._finish(outcome)
+            return
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Record a vCPU's final outcome; the first one (or the last, see
+        end_on_first_exit) ends the machine and stops the other vCPUs."""
+        with self._lock:
+            self.outcomes[outcome.vcpu] = outcome
+            if outcome.kind == OutcomeKind.HANDLER_ERROR and self.device_error is None:
+                error = next((b.error for bus in self.bindings.values() for b in bus if b.error),
+                             None)
+                self.device_error = DeviceError(f"device {outcome.device} failed: {error!r}")
+                self.device_error.__cause__ = error
+            if self.outcome is None:
+                self.outcome = outcome
+            all_done = all(o is not None for o in self.outcomes)
+            if not (self.end_on_first_exit or all_done or self._stopping):
+                return
+            self._stopping = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        if all_done or self.end_on_first_exit:
+            self._done.set()
+
+    def stop(self) -> None:
+        """From any thread: stop every vCPU; wait() then returns a STOPPED outcome."""
+        self._stopping = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The final outcome, or None if the machine still runs after timeout seconds."""
+        if not self._done.wait(timeout):
+            return None
+        for thread in self._threads:
+            thread.join()
+        return self.outcome
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """start() and wait(); on timeout the machine is stopped and STOPPED returned."""
+        self.start()
+        outcome = self.wait(timeout)
+        if outcome is None:
+            self.stop()
+            outcome = self.wait()
+        assert outcome is not None
+        return outcome
+
+    # -- observing -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Exit counters: per vCPU by exit reason, and per device (all vCPUs)."""
+        per_vcpu = [vcpu.exit_counts() for vcpu in self.vcpus]
+        devices: dict[str, int] = {}
+        for bus, bindings in self.bindings.items():
+            for index, binding in enumerate(bindings):
+                devices[binding.name] = sum(v.device_exit_count(bus, index) for v in self.vcpus)
+        unhandled = {bus.name.lower(): sum(v.unhandled_count(bus) for v in self.vcpus)
+                     for bus in Bus}
+        return {"vcpus": per_vcpu, "devices": devices, "unhandled": unhandled}
+
+    # -- teardown --------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._threads and not self._done.is_set():
+            self.stop()
+            self.wait(5)
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        self.memory.close()
+        if self._owns_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
