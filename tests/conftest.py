@@ -1,0 +1,34 @@
+"""Shared fixtures.
+
+Tests marked `kvm` need a usable /dev/kvm.  Without one they skip, unless
+PYVMM_REQUIRE_KVM=1 (as in CI), where they fail: a CI run must never go green
+by skipping the tests that matter.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _kvm_problem() -> str | None:
+    try:
+        from pyvmm.kvm import Kvm
+        Kvm().close()
+    except Exception as exc:  # noqa: BLE001 - any reason KVM is unusable
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def kvm_problem() -> str | None:
+    return _kvm_problem()
+
+
+@pytest.fixture(autouse=True)
+def _require_kvm(request: pytest.FixtureRequest, kvm_problem: str | None) -> None:
+    if request.node.get_closest_marker("kvm") is None or kvm_problem is None:
+        return
+    if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
+        pytest.fail(f"KVM is required (PYVMM_REQUIRE_KVM=1) but unusable: {kvm_problem}")
+    pytest.skip(f"no usable KVM: {kvm_problem}")
