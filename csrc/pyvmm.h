@@ -106,6 +106,9 @@ int pv_bus_add(struct pv_bus *bus, uint64_t base, uint64_t len, pv_io_fn fn, voi
 /* Index of the range holding addr, or -1. */
 int pv_bus_find(const struct pv_bus *bus, uint64_t addr);
 
+/* ioctl(fd, request, arg) with an unsigned long argument: result, or -errno. */
+long pv_ioctl_ulong(int fd, unsigned long request, unsigned long arg);
+
 /* C devices (one file each in csrc/). */
 struct pv_debugcon {              /* like QEMU's isa-debugcon: bytes written are buffered */
     uint32_t head;

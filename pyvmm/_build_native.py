@@ -15,7 +15,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 KVM_CDEF = Path(__file__).resolve().parent / "kvm" / "kvm_abi.cdef"
-C_SOURCES = ["vcpu_loop.c", "bus.c", "dev_debugcon.c", "dev_debugexit.c", "dev_scratch.c"]
+C_SOURCES = ["vcpu_loop.c", "bus.c", "ioctl.c", "dev_debugcon.c", "dev_debugexit.c", "dev_scratch.c"]
 
 # cffi takes the GIL again inside this callback, and only there.
 PYTHON_CALLBACKS = """

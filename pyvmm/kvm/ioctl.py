@@ -25,11 +25,11 @@ class KvmError(PyvmmError):
 
 
 def ioctl_int(fd: int, request: int, arg: int = 0, what: str = "") -> int:
-    """An ioctl whose argument is an integer; returns the ioctl's result."""
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as exc:
-        raise KvmError(what or hex(request), exc.errno) from None
+    """An ioctl whose argument is an unsigned long; returns the ioctl's result."""
+    rc = lib.pv_ioctl_ulong(fd, request, arg)
+    if rc < 0:
+        raise KvmError(what or hex(request), -rc)
+    return rc
 
 
 def ioctl_struct(fd: int, request: int, cdata: Any, what: str = "") -> int:

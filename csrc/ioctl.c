@@ -1,0 +1,14 @@
+/*
+ * ioctl with an unsigned long argument.  fcntl.ioctl() passes integer
+ * arguments as a C int, which cannot carry KVM_SET_TSS_ADDR's 0xfffbd000.
+ */
+#include <errno.h>
+#include <sys/ioctl.h>
+#include "pyvmm.h"
+
+long pv_ioctl_ulong(int fd, unsigned long request, unsigned long arg)
+{
+    long rc = ioctl(fd, request, arg);
+
+    return rc < 0 ? -errno : rc;
+}

@@ -1,0 +1,3 @@
+from pyvmm.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""A Linux microVM: the machine, the boot path, the legacy devices, the console.
+
+    vm = LinuxVm(VmConfig(kernel=..., initrd=..., mem_mib=256, vcpus=2))
+    vm.start(); vm.wait_for_output(b"PYVMM-INIT-OK", 300); vm.send(b"uname -r\\n")
+    result = vm.wait()
+
+The CLI (pyvmm.cli) is a thin layer over this.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyvmm.boot.cpu import setup_vcpus
+from pyvmm.boot.errors import BootError
+from pyvmm.boot.loader import LoadedKernel, load_linux
+from pyvmm.boot.pvm import PVM_CMDLINE, PvmFixups
+from pyvmm.console import ConsoleOutput
+from pyvmm.devices.i8042 import I8042, I8042_DATA_PORT, I8042_PORTS
+from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm import Outcome, OutcomeKind
+from pyvmm.machine import Bus, Machine
+from pyvmm.memory import MiB
+
+# console on COM1; reboot through the i8042 (no ACPI); reboot at once on panic;
+# no PCI bus to probe; the i8042 has no keyboard or mouse behind it.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp"
+MIN_MEM_MIB = 16
+MAX_MEM_MIB = 1 << 20
+MAX_VCPUS = 32
+PANIC_MARKER = b"Kernel panic - not syncing"
+
+
+class VmError(PyvmmError):
+    """The VM configuration is invalid."""
+
+
+@dataclass
+class VmConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""                 # appended to DEFAULT_CMDLINE
+    mem_mib: int = 256
+    vcpus: int = 1
+    console: str = "stdio"            # stdio | file:PATH | none
+    pvm_workarounds: bool | None = None   # None: when the host is KVM PVM
+    extra_cmdline_defaults: str = field(default=DEFAULT_CMDLINE)
+
+    def validate(self) -> None:
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise VmError(f"memory size {self.mem_mib} MiB is out of range: use "
+                          f"{MIN_MEM_MIB} MiB to {MAX_MEM_MIB >> 10} GiB")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise VmError(f"{self.vcpus} vCPUs is out of range: use 1 to {MAX_VCPUS}")
+
+
+@dataclass(frozen=True)
+class VmResult:
+    """How the VM ended: exit_code 0 means the guest rebooted or was asked to stop."""
+    exit_code: int
+    reason: str
+    outcome: Outcome | None
+
+
+class LinuxVm:
+    def __init__(self, config: VmConfig) -> None:
+        config.validate()
+        self.config = config
+        self.console = ConsoleOutput(config.console)
+        self.machine = Machine(config.mem_mib * MiB, config.vcpus, irqchip=True, strict=False)
+        try:
+            self.pvm = config.pvm_workarounds if config.pvm_workarounds is not None \
+                else self.machine.kvm.pvm
+            vm_fd = self.machine.vm
+            self.serial = Serial(self.console, lambda level: vm_fd.irq_line(COM1_IRQ, level))
+            self.machine.add_device(Bus.PIO, COM1_PORT, UART_REGISTERS, self.serial, "serial")
+            self.i8042 = I8042()
+            self.machine.add_device(Bus.PIO, I8042_DATA_PORT, I8042_PORTS, self.i8042, "i8042")
+            self.fixups = PvmFixups(self.machine.memory)
+            if self.pvm:
+                self.machine.exit_hooks.append(self.fixups)
+            self.cmdline = " ".join(filter(None, (config.extra_cmdline_defaults,
+                                                  PVM_CMDLINE if self.pvm else "",
+                                                  config.cmdline)))
+            self.kernel: LoadedKernel = load_linux(self.machine.memory, config.kernel,
+                                                   config.initrd, self.cmdline, config.vcpus)
+            setup_vcpus(self.machine.kvm, self.machine.vcpus, self.machine.memory,
+                        self.kernel.entry, hide_pvm_features=self.pvm)
+        except BaseException:
+            self.close()
+            raise
+        self.started_at: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.machine.start()
+
+    def stop(self) -> None:
+        self.machine.stop()
+
+    def wait(self, timeout: float | None = None) -> VmResult | None:
+        outcome = self.machine.wait(timeout)
+        if outcome is None:
+            return None
+        return self._result(outcome)
+
+    def _result(self, outcome: Outcome) -> VmResult:
+        panicked = PANIC_MARKER in self.console.history
+        if outcome.kind == OutcomeKind.DEVICE_STOP and outcome.device == "i8042":
+            if panicked:
+                return VmResult(1, "the guest kernel panicked", outcome)
+            return VmResult(0, "the guest rebooted", outcome)
+        if outcome.kind == OutcomeKind.STOPPED:
+            return VmResult(0, "stopped by the host", outcome)
+        if outcome.kind == OutcomeKind.SHUTDOWN:
+            return VmResult(1, f"the guest triple-faulted ({outcome.describe()})", outcome)
+        if outcome.kind == OutcomeKind.HANDLER_ERROR:
+            return VmResult(1, str(self.machine.device_error), outcome)
+        if outcome.kind == OutcomeKind.INTERNAL_ERROR and self.pvm:
+            try:
+                insn = self.fixups.instruction_bytes(self.machine.vcpus[outcome.vcpu],
+                                                     outcome.regs.get("rip", 0)).hex(" ")
+            except PyvmmError:
+                insn = "unreadable"
+            return VmResult(1, f"{outcome.describe()}; instruction bytes: {insn} "
+                               "(KVM PVM could not emulate it)", outcome)
+        return VmResult(1, outcome.describe(), outcome)
+
+    # -- console ---------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.serial.feed(data)
+
+    def wait_for_output(self, marker: bytes, timeout: float) -> bool:
+        """True once marker appears on the console (or False at timeout or VM end)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.console.wait_for(lambda out: marker in out, 0.5):
+                return True
+            if self.machine.wait(0) is not None:
+                return marker in self.console.history
+        return False
+
+    def stats(self) -> dict:
+        stats = self.machine.stats()
+        stats["pvm_fixups"] = dict(self.fixups.counts)
+        stats["serial_tx_bytes"] = self.serial.tx_bytes
+        return stats
+
+    def close(self) -> None:
+        self.machine.close()
+        self.console.close()
+
+    def __enter__(self) -> "LinuxVm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["BootError", "LinuxVm", "VmConfig", "VmError", "VmResult"]
