@@ -24,9 +24,17 @@ def parse_mem(text: str) -> int:
     return int(match.group(1)) * MEM_UNITS[match.group(2).upper()]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other pyvmm error (`-h` shows usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyvmm", description="A microVM monitor on /dev/kvm.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pyvmm", description="A microVM monitor on /dev/kvm.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a Linux guest with its console on this terminal")
     run.add_argument("--kernel", type=Path, help="bzImage or PVH vmlinux (default: the built-in guest)")
@@ -40,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="with the built-in guest, boot its bzImage instead of the PVH vmlinux")
 
     guest = sub.add_parser("guest", help="the built-in guest kernel and initramfs")
-    guest_sub = guest.add_subparsers(dest="guest_command", required=True)
+    guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
     guest_sub.add_parser("build", help="build it now (minutes; cached)")
     guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs")
     return parser

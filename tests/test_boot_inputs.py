@@ -1,0 +1,166 @@
+"""Bad kernels, initrds, command lines and sizes: a BootError with one clear
+sentence, never a traceback and never a write outside guest RAM."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from images import make_bzimage, make_elf
+from pyvmm.boot.bzimage import parse_bzimage
+from pyvmm.boot.errors import BootError
+from pyvmm.boot.layout import CMDLINE_START, HIMEM_START, ZERO_PAGE_START
+from pyvmm.boot.loader import load_linux
+from pyvmm.boot.mptable import build_mptable
+from pyvmm.boot.pvh import parse_pvh_elf
+from pyvmm.memory import MiB, GuestMemory
+
+
+@pytest.fixture()
+def memory():
+    mem = GuestMemory.x86(32 * MiB)
+    yield mem
+    mem.close()
+
+
+def _write(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_a_valid_bzimage_is_laid_out_per_the_boot_protocol(tmp_path, memory):
+    kernel = _write(tmp_path, "bz", make_bzimage())
+    initrd = _write(tmp_path, "initrd", b"INITRD" * 1000)
+    loaded = load_linux(memory, kernel, initrd, "console=ttyS0", 2)
+    assert loaded.format == "bzImage"
+    assert loaded.entry.rip == HIMEM_START + 0x200 and not loaded.entry.pvh
+    assert memory.read(HIMEM_START, 4) == b"\xf4" * 4
+    assert memory.read(CMDLINE_START, 14) == b"console=ttyS0\0"
+    assert memory.read_int(ZERO_PAGE_START + 0x228, 4) == CMDLINE_START
+    assert memory.read_int(ZERO_PAGE_START + 0x218, 4) == loaded.initrd_addr
+    assert memory.read_int(ZERO_PAGE_START + 0x21C, 4) == 6000
+    assert memory.read(loaded.initrd_addr, 6) == b"INITRD"
+    assert loaded.initrd_addr % 4096 == 0 and loaded.initrd_addr >= loaded.kernel_end
+    assert memory.read(ZERO_PAGE_START + 0x202, 4) == b"HdrS"
+    assert memory.read_int(ZERO_PAGE_START + 0x1E8, 1) == 2           # e820 entries
+
+
+def test_a_pvh_elf_gets_a_start_info(tmp_path, memory):
+    kernel = _write(tmp_path, "vmlinux", make_elf(with_pvh_note=True))
+    loaded = load_linux(memory, kernel, None, "quiet", 1)
+    assert loaded.format == "pvh" and loaded.entry.pvh and loaded.entry.rip == 0x1000000
+    assert memory.read_int(0x6000, 4) == 0x336EC578
+
+
+def test_mp_table_checksums_are_zero():
+    table = build_mptable(4)
+    assert table[:4] == b"_MP_" and sum(table[:16]) % 256 == 0
+    length = int.from_bytes(table[16 + 4:16 + 6], "little")
+    assert table[16:20] == b"PCMP" and sum(table[16:16 + length]) % 256 == 0
+
+
+BAD_KERNELS = {
+    "empty": (b"", "is empty"),
+    "random": (os.urandom(100_000), "neither a bzImage nor an ELF"),
+    "elf-without-pvh-note": (make_elf(with_pvh_note=False), "without a PVH entry note"),
+    "truncated-bzimage": (make_bzimage(truncate_kernel=32 * 1024), "truncated"),
+    "setup-only-bzimage": (make_bzimage()[:2560], "truncated"),
+    "old-protocol": (make_bzimage(version=0x020A), "boot protocol 2.10"),
+    "no-64-bit-entry": (make_bzimage(xloadflags=0), "no 64-bit entry point"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_KERNELS)
+def test_bad_kernels_are_refused_clearly(tmp_path, memory, name):
+    data, message = BAD_KERNELS[name]
+    with pytest.raises(BootError, match=message):
+        load_linux(memory, _write(tmp_path, name, data), None, "", 1)
+
+
+def test_bad_magic(tmp_path, memory):
+    data = bytearray(make_bzimage())
+    data[0x202:0x206] = b"XXXX"
+    with pytest.raises(BootError, match="neither a bzImage"):
+        load_linux(memory, _write(tmp_path, "k", bytes(data)), None, "", 1)
+    with pytest.raises(BootError, match="no 'HdrS' magic"):
+        parse_bzimage(bytes(data))
+
+
+def test_cmdline_longer_than_the_kernel_accepts(tmp_path, memory):
+    kernel = _write(tmp_path, "bz", make_bzimage(cmdline_size=255))
+    with pytest.raises(BootError, match="command line is 300 bytes; this kernel accepts at most 255"):
+        load_linux(memory, kernel, None, "x" * 300, 1)
+
+
+def test_memory_too_small_for_kernel_and_initrd(tmp_path, memory):
+    kernel = _write(tmp_path, "bz", make_bzimage(init_size=40 * MiB))
+    with pytest.raises(BootError, match="give the VM more memory"):
+        load_linux(memory, kernel, None, "", 1)
+    small = _write(tmp_path, "bz2", make_bzimage())
+    initrd = _write(tmp_path, "initrd", b"\0" * (31 * MiB))
+    with pytest.raises(BootError, match="initrd .* does not fit"):
+        load_linux(memory, small, initrd, "", 1)
+
+
+def test_missing_initrd(tmp_path, memory):
+    with pytest.raises(BootError, match="initrd .* does not exist"):
+        load_linux(memory, _write(tmp_path, "bz", make_bzimage()), tmp_path / "nope", "", 1)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(corruptions=st.lists(st.tuples(st.integers(0, 0x270), st.integers(0, 255)), max_size=12),
+       cut=st.integers(0, 70_000))
+def test_corrupted_bzimage_headers_never_escape_guest_ram(tmp_path, memory, corruptions, cut):
+    data = bytearray(make_bzimage())
+    for offset, value in corruptions:
+        data[offset] = value
+    path = _write(tmp_path, "fuzz", bytes(data[:len(data) - cut]))
+    try:
+        load_linux(memory, path, None, "console=ttyS0", 1)
+    except BootError:
+        pass                          # refused with a message: fine
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(corruptions=st.lists(st.tuples(st.integers(0, 240), st.integers(0, 255)), max_size=12))
+def test_corrupted_elf_headers_are_refused_or_loaded(corruptions):
+    data = bytearray(make_elf(with_pvh_note=True))
+    for offset, value in corruptions:
+        data[offset % len(data)] = value
+    try:
+        parse_pvh_elf(bytes(data))
+    except BootError:
+        pass
+
+
+CLI_CASES = {
+    "empty-kernel": (["--kernel", "{empty}"], "is empty"),
+    "missing-kernel": (["--kernel", "{tmp}/nope"], "does not exist"),
+    "missing-initrd": (["--kernel", "{bz}", "--initrd", "{tmp}/nope"], "does not exist"),
+    "bad-mem": (["--kernel", "{bz}", "--mem", "lots"], "bad memory size"),
+    "tiny-mem": (["--kernel", "{bz}", "--mem", "1"], "out of range"),
+    "bad-console": (["--kernel", "{bz}", "--console", "tty9"], "bad --console"),
+    "too-many-cpus": (["--kernel", "{bz}", "--cpus", "99"], "out of range"),
+}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_errors_are_one_line_without_traceback(tmp_path, case):
+    args, message = CLI_CASES[case]
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "bz").write_bytes(make_bzimage())
+    names = {"tmp": tmp_path, "empty": tmp_path / "empty", "bz": tmp_path / "bz"}
+    argv = [a.format(**names) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--console", "none", *argv],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
