@@ -49,7 +49,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     guest = sub.add_parser("guest", help="the built-in guest kernel and initramfs")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
-    guest_sub.add_parser("build", help="build it now (minutes; cached)")
+    build = guest_sub.add_parser("build", help="build it unless cached (minutes)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
     guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs")
     return parser
 
@@ -96,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_guest(args: argparse.Namespace) -> int:
     from pyvmm import firmware
     if args.guest_command == "build":
-        paths = firmware.build_guest(progress=True)
+        paths = firmware.build_guest(progress=True) if args.force else \
+            firmware.ensure_guest(progress=True)
     else:
         found = firmware.find_guest()
         if found is None:
