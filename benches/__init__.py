@@ -1,0 +1,1 @@
+"""pyvmm benchmarks: `python -m benches [names...] [--reps N]` (see README.md)."""

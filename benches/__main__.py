@@ -1,0 +1,43 @@
+"""python -m benches [names...] [--reps N] [benchmark options]
+
+Runs the named benchmarks (all of them when none is named).  A benchmark is a
+module with add_arguments(parser), for its own options, and main(args) -> dict,
+which prints its table, writes benches/results/<name>.json and returns the data.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from types import ModuleType
+
+# name -> module; add new benchmarks here.
+BENCHMARKS: dict[str, str] = {
+    "exits": "benches.exits",
+}
+
+
+def load(name: str) -> ModuleType:
+    return importlib.import_module(BENCHMARKS[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions per variant (default 7)")
+    modules = {name: load(name) for name in BENCHMARKS}
+    for module in modules.values():
+        module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; have {', '.join(BENCHMARKS)}")
+    for name in args.names or list(BENCHMARKS):
+        print(f"== {name}", flush=True)
+        modules[name].main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
