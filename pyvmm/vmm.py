@@ -31,6 +31,11 @@ MIN_MEM_MIB = 16
 MAX_MEM_MIB = 1 << 20
 MAX_VCPUS = 32
 PANIC_MARKER = b"Kernel panic - not syncing"
+INIT_DIED_MARKER = b"Attempted to kill init"
+PVM_SYSCALL_HINT = ("; on KVM PVM hosts a 64-bit SYSCALL from guest user mode does not reach "
+                    "the guest kernel, so init dies at its first system call unless the kernel "
+                    "carries firmware/kernel/patches/0001-pvm-syscall-fixup.patch (the built-in "
+                    "guest does)")
 
 
 class VmError(PyvmmError):
@@ -112,7 +117,9 @@ class LinuxVm:
         panicked = PANIC_MARKER in self.console.history
         if outcome.kind == OutcomeKind.DEVICE_STOP and outcome.device == "i8042":
             if panicked:
-                return VmResult(1, "the guest kernel panicked", outcome)
+                hint = PVM_SYSCALL_HINT if self.pvm and \
+                    INIT_DIED_MARKER in self.console.history else ""
+                return VmResult(1, f"the guest kernel panicked{hint}", outcome)
             return VmResult(0, "the guest rebooted", outcome)
         if outcome.kind == OutcomeKind.STOPPED:
             return VmResult(0, "stopped by the host", outcome)
