@@ -119,6 +119,11 @@ class Machine:
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
+        # pause(): vCPU threads park on _resumed; _parked counts them in.
+        self._pause_lock = threading.Condition()
+        self._pausing = False
+        self._parked = 0
+        self._paused_clock: int | None = None
         lib.pv_machine_init(self._native)
         self._native.strict = int(strict)
         try:
@@ -188,9 +193,11 @@ class Machine:
 
     def _vcpu_thread(self, vcpu: VcpuFd) -> None:
         while True:
-            outcome = vcpu.run()
+            outcome = vcpu.run(with_regs=False)
             if outcome.kind == OutcomeKind.STOPPED and not self._stopping:
-                continue        # a stale kick, e.g. from a vCPU that already finished
+                self._park_while_paused()
+                continue        # resumed, or a stale kick from a vCPU that already finished
+            outcome = vcpu.with_regs(outcome)
             if outcome.kind != OutcomeKind.STOPPED and \
                     any(hook(vcpu, outcome) for hook in self.exit_hooks):
                 continue
@@ -223,6 +230,53 @@ class Machine:
         self._stopping = True
         for vcpu in self.vcpus:
             vcpu.kick()
+        self.resume()           # parked vCPUs must wake up to see the stop
+
+    # -- pause and resume --------------------------------------------------------
+
+    def _park_while_paused(self) -> None:
+        with self._pause_lock:
+            if not self._pausing:
+                return
+            self._parked += 1
+            self._pause_lock.notify_all()
+            self._pause_lock.wait_for(lambda: not self._pausing)
+            self._parked -= 1
+
+    @property
+    def paused(self) -> bool:
+        return self._pausing
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU where it is, keeping its state; resume() goes on.
+
+        kvmclock is frozen across the pause (as QEMU does on stop/cont), so the
+        guest sees no jump in time when it resumes.
+        """
+        if not self._threads or self._done.is_set():
+            raise MachineError("the machine is not running")
+        with self._pause_lock:
+            if self._pausing:
+                return
+            self._pausing = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        with self._pause_lock:
+            live = sum(1 for t in self._threads if t.is_alive())
+            if not self._pause_lock.wait_for(lambda: self._parked >= live or self._done.is_set(),
+                                             timeout):
+                raise MachineError(f"vCPUs did not pause within {timeout} s")
+        self._paused_clock = self.vm.get_clock()
+
+    def resume(self) -> None:
+        with self._pause_lock:
+            if not self._pausing:
+                return
+            if self._paused_clock is not None:
+                self.vm.set_clock(self._paused_clock)
+                self._paused_clock = None
+            self._pausing = False
+            self._pause_lock.notify_all()
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         """The final outcome, or None if the machine still runs after timeout seconds."""

@@ -107,6 +107,12 @@ class LinuxVm:
     def stop(self) -> None:
         self.machine.stop()
 
+    def pause(self) -> None:
+        self.machine.pause()
+
+    def resume(self) -> None:
+        self.machine.resume()
+
     def wait(self, timeout: float | None = None) -> VmResult | None:
         outcome = self.machine.wait(timeout)
         if outcome is None:

@@ -334,3 +334,39 @@ def test_overlapping_devices_are_refused():
     with TinyVm() as vm:
         with pytest.raises(MachineError, match="overlaps another device"):
             Scratch(vm.machine, Bus.PIO, 0xF0)           # debug-exit is at 0xf4
+
+
+def test_pause_parks_every_vcpu_and_resume_continues():
+    # Two ring-3 vCPUs count up in rax forever; while paused, rax must not move.
+    vm = TinyVm(Mode.LONG_RING3, vcpus=2)
+    with vm:
+        vm.load(assemble("1: inc %rax\n jmp 1b", Mode.LONG_RING3))
+        machine = vm.machine
+        machine.start()
+        time.sleep(0.2)
+        machine.pause()
+        assert machine.paused
+        before = [v.get_regs()["rax"] for v in machine.vcpus]
+        time.sleep(0.3)
+        assert [v.get_regs()["rax"] for v in machine.vcpus] == before
+        assert all(b > 0 for b in before)
+        machine.resume()
+        time.sleep(0.2)
+        machine.pause()
+        after = [v.get_regs()["rax"] for v in machine.vcpus]
+        assert all(a > b for a, b in zip(after, before))
+        machine.resume()
+        machine.stop()
+        outcome = machine.wait(10)
+        assert outcome is not None and outcome.kind == OutcomeKind.STOPPED
+
+
+def test_stop_while_paused_ends_the_machine():
+    vm = TinyVm(Mode.LONG_RING3)
+    with vm:
+        vm.load(assemble("1: jmp 1b", Mode.LONG_RING3))
+        vm.machine.start()
+        vm.machine.pause()
+        vm.machine.stop()
+        outcome = vm.machine.wait(10)
+        assert outcome is not None and outcome.kind == OutcomeKind.STOPPED

@@ -1,6 +1,7 @@
 """A vCPU fd: register state, CPUID, MSRs, events, and the C run loop."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from dataclasses import dataclass, field
@@ -144,6 +145,12 @@ class VcpuFd:
         """Run until the C loop needs Python; the GIL is free meanwhile."""
         lib.pv_vcpu_run(self._native, self._outcome)
         return self._make_outcome(with_regs)
+
+    def with_regs(self, outcome: Outcome) -> Outcome:
+        """The outcome with the vCPU's registers filled in (for diagnostics)."""
+        if outcome.regs or outcome.kind == OutcomeKind.RUN_ERROR:
+            return outcome
+        return dataclasses.replace(outcome, regs=self.get_regs())
 
     def kick(self) -> None:
         """From any thread: make run() return OutcomeKind.STOPPED soon."""

@@ -63,6 +63,16 @@ class VmFd:
             "flags": flags})
         ioctl_struct(self.fd, lib.KVM_IOEVENTFD, arg, f"KVM_IOEVENTFD({addr:#x})")
 
+    def get_clock(self) -> int:
+        """kvmclock's current value (ns), KVM_GET_CLOCK."""
+        data = ffi.new("struct kvm_clock_data *")
+        ioctl_struct(self.fd, lib.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data.clock
+
+    def set_clock(self, clock: int) -> None:
+        data = ffi.new("struct kvm_clock_data *", {"clock": clock})
+        ioctl_struct(self.fd, lib.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
     def create_vcpu(self, index: int) -> int:
         return ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU({index})")
 
