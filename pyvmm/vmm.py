@@ -43,6 +43,23 @@ class VmError(PyvmmError):
 
 
 @dataclass
+class DriveConfig:
+    """A virtio-blk disk backed by a raw image file."""
+    drive_id: str
+    path: Path
+    read_only: bool = False
+    is_root: bool = False             # adds root=/dev/vdX to the command line
+
+
+@dataclass
+class NetConfig:
+    """A virtio-net interface on an existing TAP device."""
+    iface_id: str
+    tap: str
+    mac: str | None = None            # "02:xx:..."; default: derived from iface_id
+
+
+@dataclass
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -50,6 +67,9 @@ class VmConfig:
     mem_mib: int = 256
     vcpus: int = 1
     console: str = "stdio"            # stdio | file:PATH | none
+    drives: list[DriveConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    entropy: bool = False             # a virtio-rng device
     pvm_workarounds: bool | None = None   # None: when the host is KVM PVM
     extra_cmdline_defaults: str = field(default=DEFAULT_CMDLINE)
 
@@ -175,4 +195,4 @@ class LinuxVm:
         self.close()
 
 
-__all__ = ["BootError", "LinuxVm", "VmConfig", "VmError", "VmResult"]
+__all__ = ["BootError", "DriveConfig", "LinuxVm", "NetConfig", "VmConfig", "VmError", "VmResult"]
