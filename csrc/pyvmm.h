@@ -106,6 +106,10 @@ int pv_bus_add(struct pv_bus *bus, uint64_t base, uint64_t len, pv_io_fn fn, voi
 /* Index of the range holding addr, or -1. */
 int pv_bus_find(const struct pv_bus *bus, uint64_t addr);
 
+/* A full memory barrier (mfence): virtqueue code needs store->load ordering
+ * between publishing used->idx and reading the driver's event index. */
+void pv_mb(void);
+
 /* ioctl(fd, request, arg) with an unsigned long argument: result, or -errno. */
 long pv_ioctl_ulong(int fd, unsigned long request, unsigned long arg);
 

@@ -8,6 +8,8 @@ The CLI (pyvmm.cli) is a thin layer over this.
 """
 from __future__ import annotations
 
+import functools
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,12 @@ from pyvmm.boot.loader import LoadedKernel, load_linux
 from pyvmm.boot.pvm import PVM_CMDLINE, PvmFixups
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.i8042 import I8042, I8042_DATA_PORT, I8042_PORTS
+from pyvmm.devices.iothread import IoThread
 from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
+from pyvmm.devices.virtio.blk import Block
+from pyvmm.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, \
+    eventfd_irq
+from pyvmm.devices.virtio.rng import Rng
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Outcome, OutcomeKind
 from pyvmm.machine import Bus, Machine
@@ -30,6 +37,10 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nom
 MIN_MEM_MIB = 16
 MAX_MEM_MIB = 1 << 20
 MAX_VCPUS = 32
+# virtio-mmio windows sit in the 32-bit MMIO gap, 4 KiB each; their IRQs are the
+# ISA lines nothing else uses (0 timer, 1 keyboard, 2 cascade, 3/4 serial, 8 RTC).
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 PANIC_MARKER = b"Kernel panic - not syncing"
 INIT_DIED_MARKER = b"Attempted to kill init"
 PVM_SYSCALL_HINT = ("; on KVM PVM hosts a 64-bit SYSCALL from guest user mode does not reach "
@@ -106,9 +117,13 @@ class LinuxVm:
             self.fixups = PvmFixups(self.machine.memory)
             if self.pvm:
                 self.machine.exit_hooks.append(self.fixups)
+            self.iothread = IoThread()
+            self.virtio: dict[str, VirtioMmio] = {}
+            self._eventfds: list[int] = []
+            virtio_cmdline = self._add_virtio_devices(config)
             self.cmdline = " ".join(filter(None, (config.extra_cmdline_defaults,
                                                   PVM_CMDLINE if self.pvm else "",
-                                                  config.cmdline)))
+                                                  virtio_cmdline, config.cmdline)))
             self.kernel: LoadedKernel = load_linux(self.machine.memory, config.kernel,
                                                    config.initrd, self.cmdline, config.vcpus)
             setup_vcpus(self.machine.kvm, self.machine.vcpus, self.machine.memory,
@@ -118,10 +133,65 @@ class LinuxVm:
             raise
         self.started_at: float | None = None
 
+    # -- virtio ----------------------------------------------------------------
+
+    def _add_virtio_devices(self, config: VmConfig) -> str:
+        """Create the configured virtio devices; returns their kernel parameters."""
+        devices: list[tuple[str, VirtioDevice]] = []
+        drives = sorted(config.drives, key=lambda d: not d.is_root)    # the root is vda
+        for drive in drives:
+            devices.append((f"drive:{drive.drive_id}",
+                            Block(drive.path, drive.read_only, serial=drive.drive_id)))
+        if config.nets:
+            raise VmError("virtio-net is not supported yet")
+        if config.entropy:
+            devices.append(("entropy", Rng()))
+        if len(devices) > len(VIRTIO_IRQS):
+            raise VmError(f"{len(devices)} virtio devices is too many: at most "
+                          f"{len(VIRTIO_IRQS)}")
+        params = [f"virtio_mmio.device=4K@{VIRTIO_MMIO_BASE + i * MMIO_WINDOW:#x}:"
+                  f"{VIRTIO_IRQS[i]}" for i in range(len(devices))]
+        for index, (name, device) in enumerate(devices):
+            self._attach_virtio(index, name, device)
+        root = next((d for d in drives if d.is_root), None)
+        if root is not None:
+            params.append(f"root=/dev/vda {'ro' if root.read_only else 'rw'}")
+        return " ".join(params)
+
+    def _eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._eventfds.append(fd)
+        return fd
+
+    def _attach_virtio(self, index: int, name: str, device: VirtioDevice) -> None:
+        base = VIRTIO_MMIO_BASE + index * MMIO_WINDOW
+        irqfd = self._eventfd()
+        self.machine.vm.irqfd(irqfd, VIRTIO_IRQS[index])
+        transport = VirtioMmio(device, self.machine.memory, eventfd_irq(irqfd))
+        self.machine.add_device(Bus.MMIO, base, MMIO_WINDOW, transport, name[:23])
+        for queue in range(len(device.queues)):
+            kick = self._eventfd()
+            # A 4-byte write of the queue's index to QueueNotify signals `kick`
+            # inside KVM; the vCPU never exits for it.
+            self.machine.vm.ioeventfd(kick, base + QUEUE_NOTIFY, 4, datamatch=queue)
+            self.iothread.add_eventfd(kick, functools.partial(transport.notify, queue))
+        self.virtio[name] = transport
+
+    def update_drive(self, drive_id: str, path: Path) -> None:
+        """Point a drive at another image (Firecracker's PATCH /drives/{id})."""
+        transport = self.virtio.get(f"drive:{drive_id}")
+        if transport is None:
+            raise VmError(f"there is no drive {drive_id!r}")
+        device = transport.device
+        assert isinstance(device, Block)
+        with transport.lock:
+            device.replace_backing(path)
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         self.started_at = time.monotonic()
+        self.iothread.start()
         self.machine.start()
 
     def stop(self) -> None:
@@ -182,10 +252,20 @@ class LinuxVm:
         stats = self.machine.stats()
         stats["pvm_fixups"] = dict(self.fixups.counts)
         stats["serial_tx_bytes"] = self.serial.tx_bytes
+        stats["virtio"] = {name: dict(t.device.stats, error=t.error)
+                           for name, t in self.virtio.items()}
         return stats
 
     def close(self) -> None:
         self.machine.close()
+        iothread = getattr(self, "iothread", None)
+        if iothread is not None:
+            iothread.stop()
+        for transport in getattr(self, "virtio", {}).values():
+            if isinstance(transport.device, Block):
+                transport.device.close()
+        for fd in getattr(self, "_eventfds", []):
+            os.close(fd)
         self.console.close()
 
     def __enter__(self) -> "LinuxVm":

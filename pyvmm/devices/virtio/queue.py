@@ -1,0 +1,196 @@
+"""Split virtqueues (virtio 1.2, section 2.7), read defensively.
+
+The guest owns the rings and may put anything in them.  Every descriptor's
+address and length is checked against guest RAM before it is touched, chains
+are capped at the queue size (or the indirect table's size) so that a loop
+ends, and any rule broken raises QueueError: the device then marks itself
+NEEDS_RESET instead of serving a request it cannot trust.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm import lib
+from pyvmm.memory import GuestMemory, GuestMemoryError
+
+MAX_QUEUE_SIZE = 32768                # 2.7: Queue Size is at most 32768 for split rings
+DESC_SIZE = 16                        # 2.7.5: le64 addr, le32 len, le16 flags, le16 next
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+# Ring layouts (2.7.6, 2.7.8): flags(2) idx(2) ring[size] then the event word.
+RING_HEADER = 4
+USED_ELEM_SIZE = 8                    # le32 id, le32 len
+MAX_CHAIN_BYTES = 1 << 32             # a chain's total length must fit the used ring's le32
+
+
+class QueueError(PyvmmError):
+    """The driver broke a virtqueue rule; the device must be reset."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    addr: int
+    length: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One request: its head index and its buffers in order."""
+    head: int
+    descriptors: tuple[Descriptor, ...]
+
+    @property
+    def readable(self) -> list[Descriptor]:
+        return [d for d in self.descriptors if not d.writable]
+
+    @property
+    def writable(self) -> list[Descriptor]:
+        return [d for d in self.descriptors if d.writable]
+
+
+def _u16(memory: GuestMemory, addr: int) -> int:
+    return int.from_bytes(memory.read(addr, 2), "little")
+
+
+class Virtqueue:
+    """Device side of one split virtqueue."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.next_avail = 0           # our copy of the avail index we have consumed up to
+        self.next_used = 0            # the used index we publish next
+        self.event_idx = False        # VIRTIO_RING_F_EVENT_IDX negotiated
+        self.indirect = False         # VIRTIO_RING_F_INDIRECT_DESC negotiated
+        self.memory: GuestMemory | None = None
+        self._signalled_used: int | None = None
+
+    # -- set-up ------------------------------------------------------------------
+
+    def activate(self, memory: GuestMemory, event_idx: bool, indirect: bool) -> None:
+        """Check the driver's layout once; raises QueueError if it is unusable."""
+        size = self.size
+        if size == 0 or size > self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two up to {self.max_size}")
+        for name, addr, length, align in (
+                ("descriptor table", self.desc_addr, DESC_SIZE * size, 16),
+                ("available ring", self.avail_addr, RING_HEADER + 2 * size + 2, 2),
+                ("used ring", self.used_addr, RING_HEADER + USED_ELEM_SIZE * size + 2, 4)):
+            if addr % align or not memory.contains(addr, length):
+                raise QueueError(f"the {name} at {addr:#x} is misaligned or outside guest RAM")
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+
+    # -- the available ring ------------------------------------------------------
+
+    def _mem(self) -> GuestMemory:
+        if self.memory is None:
+            raise QueueError("the queue is not active")
+        return self.memory
+
+    def avail_idx(self) -> int:
+        return _u16(self._mem(), self.avail_addr + 2)
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.next_avail
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None.  Raises QueueError on a bad ring."""
+        mem = self._mem()
+        avail = self.avail_idx()
+        pending = (avail - self.next_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise QueueError(f"avail->idx {avail} is {pending} ahead of us on a "
+                             f"{self.size}-entry ring")
+        slot = self.next_avail % self.size
+        head = _u16(mem, self.avail_addr + RING_HEADER + 2 * slot)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if self.event_idx:
+            # 2.7.10: tell the driver which avail index to notify us at.
+            mem.write_int(self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size, 2,
+                          self.next_avail)
+        return Chain(head, tuple(self._walk(head)))
+
+    def _read_desc(self, table: int, count: int, index: int) -> tuple[int, int, int, int]:
+        if index >= count:
+            raise QueueError(f"descriptor index {index} is outside a {count}-entry table")
+        return struct.unpack("<QIHH", self._mem().read(table + DESC_SIZE * index, DESC_SIZE))
+
+    def _walk(self, head: int) -> list[Descriptor]:
+        mem = self._mem()
+        table, count = self.desc_addr, self.size
+        index, seen, total = head, 0, 0
+        out: list[Descriptor] = []
+        in_indirect = False
+        saw_writable = False
+        while True:
+            seen += 1
+            if seen > count:
+                raise QueueError("descriptor chain is longer than its table: a loop")
+            addr, length, flags, nxt = self._read_desc(table, count, index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect or in_indirect or out:
+                    raise QueueError("indirect descriptor where none is allowed")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError("an indirect descriptor must not have NEXT set")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise QueueError(f"indirect table length {length} is not a multiple of 16")
+                if not mem.contains(addr, length):
+                    raise QueueError(f"indirect table at {addr:#x}+{length} is outside guest RAM")
+                table, count, index, seen, in_indirect = addr, length // DESC_SIZE, 0, 0, True
+                continue
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if saw_writable and not writable:
+                raise QueueError("a device-readable buffer follows a device-writable one")
+            saw_writable |= writable
+            if length and not mem.contains(addr, length):
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+            total += length
+            if total >= MAX_CHAIN_BYTES:
+                raise QueueError("descriptor chain is longer than 4 GiB")
+            out.append(Descriptor(addr, length, writable))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return out
+            index = nxt
+
+    # -- the used ring -----------------------------------------------------------
+
+    def push_used(self, head: int, written: int) -> None:
+        """Return a chain to the driver, `written` bytes filled in."""
+        mem = self._mem()
+        slot = self.next_used % self.size
+        mem.write_struct(self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot, "<II", head,
+                         written & 0xFFFFFFFF)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        # x86 keeps stores in order: the element is visible before the index.
+        mem.write_int(self.used_addr + 2, 2, self.next_used)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what we just used (2.7.7, 2.7.10)."""
+        mem = self._mem()
+        lib.pv_mb()           # our used->idx store must be visible before we read its flags
+        if not self.event_idx:
+            return not _u16(mem, self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        used_event = _u16(mem, self.avail_addr + RING_HEADER + 2 * self.size)
+        old, new = self._signalled_used, self.next_used
+        self._signalled_used = new
+        if old is None:
+            return True       # nothing signalled since activation: always interrupt once
+        # vring_need_event(): did used_event fall in [old, new)?
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF

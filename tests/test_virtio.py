@@ -1,0 +1,280 @@
+"""virtio device models driven from the host (no guest, no KVM): function,
+and hostile drivers that must end in an error state, never a crash."""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.blk import Block, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, \
+    T_OUT, DiskError
+from pyvmm.devices.virtio.driver import HostDriver
+from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, \
+    VIRTQ_DESC_F_WRITE
+from pyvmm.devices.virtio.rng import Rng
+from pyvmm.memory import GuestMemory, MiB
+
+MEM = 4 * MiB
+DISK_SECTORS = 2048
+
+
+class Irq:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+@pytest.fixture()
+def memory():
+    mem = GuestMemory([(0, MEM)])
+    yield mem
+    mem.close()
+
+
+@pytest.fixture()
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(512 * DISK_SECTORS))
+    return path
+
+
+def make_blk(memory, path, read_only=False, queue_size=16):
+    device = Block(path, read_only=read_only, serial="disk0")
+    irq = Irq()
+    transport = mmio.VirtioMmio(device, memory, irq)
+    driver = HostDriver(transport, memory, queue_size=queue_size)
+    driver.setup()
+    return device, transport, driver, irq
+
+
+def blk_request(driver, rtype, sector, data_len=0, data_writable=True, payload=b""):
+    mem = driver.memory
+    hdr, buf, status = driver.data, driver.data + 0x100, driver.data + 0x100 + 0x40000
+    mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+    mem.write(status, b"\xee")
+    if payload:
+        mem.write(buf, payload)
+    buffers = [(hdr, 16, False)]
+    if data_len:
+        buffers.append((buf, data_len, data_writable))
+    buffers.append((status, 1, True))
+    head = driver.submit(buffers)
+    driver.kick()
+    used = driver.used()
+    return head, used, mem.read(status, 1)[0], buf
+
+
+def test_blk_reads_the_image_bytes(memory, disk):
+    _, t, driver, irq = make_blk(memory, disk)
+    head, used, status, buf = blk_request(driver, T_IN, 10, 4096)
+    assert status == S_OK and used == [(head, 4097)]
+    assert memory.read(buf, 4096) == disk.read_bytes()[10 * 512:10 * 512 + 4096]
+    assert irq.count == 1 and t.interrupt_status & mmio.INT_VRING
+
+
+def test_blk_writes_reach_the_file_and_flush(memory, disk):
+    device, _, driver, _ = make_blk(memory, disk)
+    payload = os.urandom(8192)
+    _, _, status, _ = blk_request(driver, T_OUT, 100, 8192, False, payload)
+    assert status == S_OK
+    _, _, status, _ = blk_request(driver, T_FLUSH, 0)
+    assert status == S_OK
+    assert disk.read_bytes()[100 * 512:100 * 512 + 8192] == payload
+    assert device.stats["bytes_written"] == 8192
+
+
+def test_blk_read_only_refuses_writes(memory, disk):
+    before = hashlib.sha256(disk.read_bytes()).digest()
+    device, _, driver, _ = make_blk(memory, disk, read_only=True)
+    assert device.features >> 5 & 1                     # VIRTIO_BLK_F_RO
+    _, _, status, _ = blk_request(driver, T_OUT, 0, 512, False, b"x" * 512)
+    assert status == S_IOERR
+    assert hashlib.sha256(disk.read_bytes()).digest() == before
+
+
+def test_blk_out_of_range_and_unknown_requests_fail_cleanly(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    assert blk_request(driver, T_IN, DISK_SECTORS - 1, 1024)[2] == S_IOERR
+    assert blk_request(driver, T_IN, 0, 100)[2] == S_IOERR            # not whole sectors
+    assert blk_request(driver, 99, 0)[2] == S_UNSUPP
+    head, used, status, _ = blk_request(driver, T_GET_ID, 0, 20)
+    assert status == S_OK and memory.read(driver.data + 0x100, 5) == b"disk0"
+    assert t.active and t.error is None
+
+
+def test_blk_capacity_and_disk_swap(memory, disk, tmp_path):
+    device, t, _, irq = make_blk(memory, disk)
+    assert struct.unpack_from("<Q", device.config, 0)[0] == DISK_SECTORS
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(512 * 10))
+    before = irq.count
+    device.replace_backing(other)
+    assert struct.unpack_from("<Q", t.read(mmio.CONFIG, 8))[0] == 10
+    assert t.interrupt_status & mmio.INT_CONFIG and irq.count == before + 1
+
+
+def test_bad_disk_images_are_refused(tmp_path):
+    with pytest.raises(DiskError, match="cannot open"):
+        Block(tmp_path / "missing.img")
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    with pytest.raises(DiskError, match="not a multiple of 512"):
+        Block(odd)
+
+
+def test_rng_fills_writable_buffers(memory):
+    device = Rng()
+    transport = mmio.VirtioMmio(device, memory, Irq())
+    driver = HostDriver(transport, memory)
+    driver.setup()
+    memory.fill(driver.data, 64)
+    head = driver.submit([(driver.data, 64, True)])
+    driver.kick()
+    assert driver.used() == [(head, 64)]
+    assert memory.read(driver.data, 64) != bytes(64)
+
+
+def test_feature_negotiation_refuses_unknown_bits(memory, disk):
+    device = Block(disk)
+    transport = mmio.VirtioMmio(device, memory, Irq())
+    driver = HostDriver(transport, memory, features=(1 << 32) | (1 << 60))
+    driver.setup()
+    assert not driver.status & mmio.FEATURES_OK
+    driver2 = HostDriver(transport, memory, features=1 << 9)          # no VERSION_1
+    driver2.setup()
+    assert not driver2.status & mmio.FEATURES_OK
+
+
+def test_magic_version_and_ids(memory, disk):
+    transport = mmio.VirtioMmio(Block(disk), memory, Irq())
+    assert transport.read(mmio.MAGIC_VALUE, 4) == b"virt"
+    assert int.from_bytes(transport.read(mmio.VERSION_REG, 4), "little") == 2
+    assert int.from_bytes(transport.read(mmio.DEVICE_ID, 4), "little") == 2
+
+
+# -- hostile drivers ---------------------------------------------------------------
+
+def _assert_failed_safely(transport, memory, outside_untouched=True):
+    assert transport.status & mmio.DEVICE_NEEDS_RESET
+    assert transport.error
+    assert not transport.active
+
+
+def test_descriptor_loop_is_detected(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    driver.write_desc(0, driver.data, 16, VIRTQ_DESC_F_NEXT, 1)
+    driver.write_desc(1, driver.data, 16, VIRTQ_DESC_F_NEXT, 0)       # 0 -> 1 -> 0 ...
+    driver.publish(0)
+    driver.kick()
+    _assert_failed_safely(t, memory)
+    assert "loop" in t.error
+
+
+def test_out_of_range_buffer(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    driver.write_desc(0, driver.data, 16, VIRTQ_DESC_F_NEXT, 1)
+    driver.write_desc(1, MEM - 16, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2)
+    driver.write_desc(2, driver.data + 64, 1, VIRTQ_DESC_F_WRITE, 0)
+    memory.write(driver.data, struct.pack("<IIQ", T_IN, 0, 0))
+    driver.publish(0)
+    driver.kick()
+    _assert_failed_safely(t, memory)
+
+
+@pytest.mark.parametrize("length", [0, 2**32 - 1])
+def test_extreme_lengths(memory, disk, length):
+    _, t, driver, _ = make_blk(memory, disk)
+    memory.write(driver.data, struct.pack("<IIQ", T_IN, 0, 0))
+    driver.write_desc(0, driver.data, 16, VIRTQ_DESC_F_NEXT, 1)
+    driver.write_desc(1, driver.data + 0x100, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2)
+    driver.write_desc(2, driver.data + 64, 1, VIRTQ_DESC_F_WRITE, 0)
+    driver.publish(0)
+    driver.kick()
+    if length == 0:
+        assert t.active and memory.read(driver.data + 64, 1)[0] == S_OK  # a 0-byte read is fine
+    else:
+        _assert_failed_safely(t, memory)
+
+
+def test_queue_size_not_a_power_of_two(memory, disk):
+    device = Block(disk)
+    transport = mmio.VirtioMmio(device, memory, Irq())
+    HostDriver(transport, memory, queue_size=12).setup()
+    assert transport.status & mmio.DEVICE_NEEDS_RESET and "power of two" in transport.error
+
+
+def test_nested_indirect_is_refused(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    table = driver.data + 0x1000
+    memory.write(table, struct.pack("<QIHH", table, 16, VIRTQ_DESC_F_INDIRECT, 0))
+    driver.write_desc(0, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
+    driver.publish(0)
+    driver.kick()
+    _assert_failed_safely(t, memory)
+
+
+def test_reset_recovers_a_failed_device(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    driver.write_desc(0, driver.data, 16, VIRTQ_DESC_F_NEXT, 0)      # self loop
+    driver.publish(0)
+    driver.kick()
+    assert t.status & mmio.DEVICE_NEEDS_RESET
+    fresh = HostDriver(t, memory)
+    fresh.setup()
+    assert t.active and t.error is None
+    head, used, status, _ = blk_request(fresh, T_IN, 0, 512)
+    assert status == S_OK and used == [(head, 513)]
+
+
+descriptor = st.tuples(st.one_of(st.integers(0, MEM + 4096), st.integers(0, 2**64 - 1)),
+                       st.one_of(st.integers(0, 8192), st.integers(0, 2**32 - 1)),
+                       st.integers(0, 7), st.integers(0, 0xFFFF))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(descriptor, min_size=1, max_size=16),
+       heads=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=8),
+       avail_jump=st.integers(0, 0xFFFF), header=st.binary(min_size=16, max_size=16))
+def test_random_descriptor_tables_never_escape_guest_ram(memory, disk, table, heads, avail_jump,
+                                                         header):
+    device, t, driver, _ = make_blk(memory, disk)
+    disk_before = disk.read_bytes()
+    memory.write(driver.data, header)
+    for i, (addr, length, flags, nxt) in enumerate(table):
+        driver.write_desc(i, addr, length, flags, nxt)
+    for head in heads:
+        driver.publish(head)
+    if avail_jump:
+        memory.write_int(driver.layout.avail + 2, 2, avail_jump)
+    driver.kick()
+    # Whatever happened, the device either still serves or asks for a reset,
+    # the disk is only changed through in-range writes, and RAM stayed RAM.
+    assert t.active or t.status & mmio.DEVICE_NEEDS_RESET
+    assert len(disk.read_bytes()) == len(disk_before)
+    fresh = HostDriver(t, memory, base=0x200000)
+    fresh.setup()
+    assert t.active
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.sampled_from(range(0, 0x110, 4)),
+                                 st.one_of(st.just(0), st.integers(0, 255),
+                                           st.integers(0, 2**32 - 1))), max_size=40))
+def test_random_register_writes_including_resets(memory, disk, writes):
+    transport = mmio.VirtioMmio(Block(disk), memory, Irq())
+    for offset, value in writes:
+        if offset == mmio.QUEUE_NOTIFY:
+            value %= 4
+        transport.write(offset, value.to_bytes(4, "little"))
+        transport.read(offset, 4)
+    transport.write(mmio.STATUS, bytes(4))                  # reset always brings it back
+    assert transport.status == 0 and transport.error is None
