@@ -32,20 +32,50 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_ERROR)
 
 
+def _add_process_flags(parser: argparse.ArgumentParser, api_required: bool = False) -> None:
+    parser.add_argument("--api-sock", type=Path, required=api_required,
+                        help="serve Firecracker's REST API on this Unix socket")
+    parser.add_argument("--id", default=None, dest="vm_id",
+                        help="the instance id (GET /); default anonymous-instance")
+    parser.add_argument("--console", default="stdio",
+                        help="where the guest's serial output goes: stdio, file:PATH or none")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvmm", description="A microVM monitor on /dev/kvm.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a Linux guest with its console on this terminal")
-    run.add_argument("--kernel", type=Path, help="bzImage or PVH vmlinux (default: the built-in guest)")
-    run.add_argument("--initrd", type=Path, help="initramfs (default: the built-in guest's)")
-    run.add_argument("--cmdline", default="", help="appended to the default kernel command line")
-    run.add_argument("--mem", type=parse_mem, default=256, help="guest RAM in MiB, or with M/G")
-    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs")
-    run.add_argument("--console", default="stdio", help="stdio, file:PATH or none")
+    vm_flags = run.add_argument_group("the VM (or --config-file)")
+    vm_flags.add_argument("--kernel", type=Path,
+                          help="bzImage or PVH vmlinux (default: the built-in guest)")
+    vm_flags.add_argument("--initrd", type=Path, help="initramfs (default: the built-in guest's)")
+    vm_flags.add_argument("--cmdline", default=None,
+                          help="appended to the default kernel command line")
+    vm_flags.add_argument("--mem", type=parse_mem, default=None,
+                          help="guest RAM in MiB, or with M/G (default 256)")
+    vm_flags.add_argument("--cpus", type=int, default=None, help="number of vCPUs (default 1)")
+    vm_flags.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,root][,id=NAME]",
+                          help="a virtio-blk disk (repeatable); `root` makes it the root "
+                               "device (/dev/vda, root= on the command line)")
+    vm_flags.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC][,id=NAME]",
+                          help="a virtio-net interface on a TAP device (repeatable)")
+    vm_flags.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    vm_flags.add_argument("--bzimage", action="store_true",
+                          help="with the built-in guest, boot its bzImage instead of the PVH "
+                               "vmlinux")
+    run.add_argument("--config-file", type=Path,
+                     help="a Firecracker config file (the JSON of GET /vm/config) instead of "
+                          "the VM flags")
+    _add_process_flags(run)
+    run.add_argument("--no-api", action="store_true",
+                     help="serve no API (the default without --api-sock; as in Firecracker)")
     run.add_argument("--stats", action="store_true", help="print exit counters at exit")
-    run.add_argument("--bzimage", action="store_true",
-                     help="with the built-in guest, boot its bzImage instead of the PVH vmlinux")
+
+    api = sub.add_parser("api", help="serve Firecracker's API; the VM is configured and "
+                                     "started through it")
+    _add_process_flags(api, api_required=True)
+    api.add_argument("--stats", action="store_true", help="print exit counters at exit")
 
     guest = sub.add_parser("guest", help="the built-in guest kernel and initramfs")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
@@ -60,38 +90,91 @@ def _default_guest(build: bool):
     return firmware.ensure_guest(progress=True) if build else firmware.find_guest()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from pyvmm.console import StdinReader
-    from pyvmm.vmm import LinuxVm, VmConfig
+VM_FLAGS = ("kernel", "initrd", "cmdline", "mem", "cpus", "disk", "net", "rng", "bzimage")
 
+
+def spec_from_args(args: argparse.Namespace):
+    """`pyvmm run`'s flags (or its --config-file) as the one configuration model."""
+    from pyvmm.config import VmSpec
+    if args.config_file is not None:
+        given = [f"--{name}" for name in VM_FLAGS if getattr(args, name) not in (None, False, [])]
+        if given:
+            raise PyvmmError(f"{', '.join(given)} cannot be combined with --config-file: the "
+                             "config file describes the whole VM")
+        return VmSpec.from_file(args.config_file)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         guest = _default_guest(build=True)
         kernel = guest.bzimage if args.bzimage else guest.vmlinux
         initrd = initrd or guest.initramfs
-    if initrd is not None and not initrd.is_file():
-        raise PyvmmError(f"initrd {initrd} does not exist")
-    config = VmConfig(kernel=kernel, initrd=initrd, cmdline=args.cmdline, mem_mib=args.mem,
-                      vcpus=args.cpus, console=args.console)
-    with LinuxVm(config) as vm:
+    return VmSpec.build(kernel=kernel, initrd=initrd, cmdline=args.cmdline or "",
+                        vcpus=1 if args.cpus is None else args.cpus,
+                        mem_mib=256 if args.mem is None else args.mem,
+                        drives=args.disk, nets=args.net, rng=args.rng)
+
+
+def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
+    """Run vm (now, or when the API's InstanceStart comes) until it ends."""
+    import signal
+    import threading
+    from pyvmm.console import StdinReader
+
+    server = None
+    if args.api_sock is not None:
+        from pyvmm.api.server import ApiServer
+        server = ApiServer(vm, str(args.api_sock))
+        server.start()
+    previous = signal.signal(signal.SIGTERM, _terminate) \
+        if threading.current_thread() is threading.main_thread() else None
+    reader = None
+    try:
+        if start:
+            vm.start()
+        while not vm.started.wait(0.5):
+            pass
         if vm.pvm:
             print("pyvmm: KVM PVM host: adding kernel parameters to avoid instructions it "
                   "cannot emulate, and fixing up int3/fwait", file=sys.stderr)
-        reader = StdinReader(vm.send, vm.stop) if args.console == "stdio" else None
-        try:
-            if reader:
-                reader.start()
-            vm.start()
-            result = vm.wait()
-        finally:
-            if reader:
-                reader.stop()
-        assert result is not None
-        if args.stats:
-            print(json.dumps(vm.stats(), indent=1), file=sys.stderr)
+        if args.console == "stdio" and vm.state != "Exited":
+            reader = StdinReader(vm.serial.write, vm.stop)
+            reader.start()
+        result = None
+        while result is None:
+            result = vm.wait(0.5)
+    finally:
+        if reader is not None:
+            reader.stop()
+        if server is not None:
+            server.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if args.stats:
+        print(json.dumps(vm.stats, indent=1), file=sys.stderr)
     if result.exit_code:
         print(f"pyvmm: {result.reason}", file=sys.stderr)
     return result.exit_code
+
+
+def _terminate(signum, frame):  # noqa: ANN001 - a signal handler
+    raise KeyboardInterrupt
+
+
+def _microvm(spec, args: argparse.Namespace):
+    from pyvmm.microvm import DEFAULT_ID, MicroVM
+    return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.no_api and args.api_sock is not None:
+        raise PyvmmError("--no-api and --api-sock contradict each other: pick one")
+    with _microvm(spec_from_args(args), args) as vm:
+        return _serve_vm(vm, args, start=True)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from pyvmm.config import VmSpec
+    with _microvm(VmSpec(), args) as vm:
+        return _serve_vm(vm, args, start=False)
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
@@ -113,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "api":
+            return cmd_api(args)
         return cmd_guest(args)
     except PyvmmError as exc:
         print(f"pyvmm: error: {exc}", file=sys.stderr)

@@ -1,0 +1,666 @@
+"""The VM's configuration, in the shape of Firecracker's API.
+
+One model for every way of configuring a VM: the REST API (pyvmm.api), the
+config file (`pyvmm run --config-file`, the shape of `GET /vm/config`), the
+flags of `pyvmm run`, and the keyword arguments of pyvmm.microvm.MicroVM.
+
+Each section parses a JSON object strictly: unknown fields, wrong types and
+out-of-range values raise ConfigError with one sentence that names the field.
+A JSON null counts as "absent" for optional fields, as in Firecracker.  Fields
+that Firecracker has but pyvmm cannot honour yet (rate limiters, CPU
+templates, huge pages...) are accepted only at their default value; anything
+else is refused with a message that says "not supported yet".
+
+This module is imported before the API socket is up, so it stays light: the
+VMM itself (pyvmm.vmm) is imported only by to_vm_config().
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pyvmm.errors import PyvmmError
+
+# Keep in step with pyvmm.vmm (tests/test_config.py checks it): importing
+# pyvmm.vmm here would cost ~0.1 s before the API socket accepts connections.
+MIN_MEM_MIB = 16
+MAX_MEM_MIB = 1 << 20
+MAX_VCPUS = 32
+# Firecracker's defaults for an unconfigured machine.
+DEFAULT_VCPUS = 1
+DEFAULT_MEM_MIB = 128
+# The command line Firecracker uses when boot_args is not given (minus its
+# `8250.nr_uarts=0`, which would take our serial console away).
+DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux "
+                     "i8042.nopnp")
+ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+MAX_TAP_NAME = 15          # IFNAMSIZ - 1
+NOT_SUPPORTED = "is not supported yet"
+
+
+class ConfigError(PyvmmError):
+    """A configuration value is invalid, unknown or not supported yet."""
+
+
+# -- strict field checking ------------------------------------------------------
+
+_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object",
+               list: "an array"}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(where: str, body: Any, spec: dict[str, tuple[type, bool]]) -> dict[str, Any]:
+    """Check a JSON object against {field: (type, required)}; returns its fields
+    with nulls dropped.  bool is never accepted as an int (JSON true is not 1)."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - set(spec))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; the fields are "
+                          f"{', '.join(spec)}")
+    out = {}
+    for name, (kind, required) in spec.items():
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise ConfigError(f"{where}: missing field {name!r}")
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{where}: {name} must be {_TYPE_NAMES[kind]}, "
+                              f"not {_describe(value)}")
+        out[name] = value
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in _TYPE_NAMES.items():
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return name
+    return "a number" if isinstance(value, float) else type(value).__name__
+
+
+def _check_id(where: str, what: str, value: str) -> str:
+    if not ID_RE.fullmatch(value):
+        raise ConfigError(f"{where}: {what} {value!r} is invalid: use 1 to 64 letters, digits "
+                          "or underscores")
+    return value
+
+
+def _unsupported(where: str, fields: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Fields pyvmm stores only at their default value."""
+    for name, default in defaults.items():
+        if name in fields and fields[name] != default:
+            raise ConfigError(f"{where}: {name} {_describe(fields[name])} {NOT_SUPPORTED}"
+                              + (f" (only {_describe(default)})" if default is not None else ""))
+
+
+def _existing_file(where: str, what: str, path: str, writable: bool = False) -> str:
+    if not path:
+        raise ConfigError(f"{where}: {what} is empty")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {what} {path} cannot be used: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ConfigError(f"{where}: {what} {path} is not a regular file or block device")
+    if not os.access(path, os.R_OK | (os.W_OK if writable else 0)):
+        raise ConfigError(f"{where}: {what} {path} is not "
+                          f"{'readable and writable' if writable else 'readable'}")
+    return path
+
+
+def _output_path(where: str, what: str, path: str) -> str:
+    """A log, metrics or serial output: a file (created if missing) or a FIFO."""
+    if not path:
+        raise ConfigError(f"{where}: {what} is empty")
+    parent = Path(path).parent
+    if not Path(path).exists() and not parent.is_dir():
+        raise ConfigError(f"{where}: {what} {path} cannot be created: {parent} is not a "
+                          "directory")
+    if Path(path).is_dir():
+        raise ConfigError(f"{where}: {what} {path} is a directory")
+    return path
+
+
+# -- the sections ----------------------------------------------------------------------
+
+@dataclass
+class BootSource:
+    kernel_image_path: str
+    boot_args: str | None = None          # None: DEFAULT_BOOT_ARGS
+    initrd_path: str | None = None
+
+    FIELDS = {"kernel_image_path": (str, True), "boot_args": (str, False),
+              "initrd_path": (str, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "boot-source") -> "BootSource":
+        f = _object(where, body, cls.FIELDS)
+        _existing_file(where, "kernel_image_path", f["kernel_image_path"])
+        if "initrd_path" in f:
+            _existing_file(where, "initrd_path", f["initrd_path"])
+        if "\0" in f.get("boot_args", ""):
+            raise ConfigError(f"{where}: boot_args contains a NUL byte")
+        return cls(**f)
+
+    def to_json(self) -> dict:
+        return {"kernel_image_path": self.kernel_image_path, "initrd_path": self.initrd_path,
+                "boot_args": self.boot_args}
+
+
+@dataclass
+class MachineConfig:
+    vcpu_count: int = DEFAULT_VCPUS
+    mem_size_mib: int = DEFAULT_MEM_MIB
+    smt: bool = False
+    track_dirty_pages: bool = False
+    huge_pages: str = "None"
+
+    FIELDS = {"vcpu_count": (int, True), "mem_size_mib": (int, True), "smt": (bool, False),
+              "track_dirty_pages": (bool, False), "huge_pages": (str, False),
+              "cpu_template": (str, False)}
+    UNSUPPORTED = {"huge_pages": "None", "cpu_template": "None"}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "machine-config",
+                  base: "MachineConfig | None" = None) -> "MachineConfig":
+        """PUT semantics without base (omitted optional fields take their defaults);
+        PATCH semantics with base (omitted fields keep base's values)."""
+        spec = cls.FIELDS if base is None else \
+            {name: (kind, False) for name, (kind, _) in cls.FIELDS.items()}
+        f = _object(where, body, spec)
+        if f.get("huge_pages", "None") not in ("None", "Transparent", "2M"):
+            raise ConfigError(f"{where}: huge_pages must be None, Transparent or 2M")
+        _unsupported(where, f, cls.UNSUPPORTED)
+        f.pop("cpu_template", None)
+        merged = cls(**{**(vars(base) if base else {}), **f})
+        merged.validate(where)
+        return merged
+
+    def validate(self, where: str = "machine-config") -> None:
+        if not 1 <= self.vcpu_count <= MAX_VCPUS:
+            raise ConfigError(f"{where}: vcpu_count {self.vcpu_count} is out of range: use 1 "
+                              f"to {MAX_VCPUS}")
+        if self.smt and self.vcpu_count != 1 and self.vcpu_count % 2:
+            raise ConfigError(f"{where}: with smt, vcpu_count must be 1 or an even number, "
+                              f"not {self.vcpu_count}")
+        if not MIN_MEM_MIB <= self.mem_size_mib <= MAX_MEM_MIB:
+            raise ConfigError(f"{where}: mem_size_mib {self.mem_size_mib} is out of range: use "
+                              f"{MIN_MEM_MIB} to {MAX_MEM_MIB}")
+
+    def to_json(self) -> dict:
+        return {"vcpu_count": self.vcpu_count, "mem_size_mib": self.mem_size_mib,
+                "smt": self.smt, "track_dirty_pages": self.track_dirty_pages,
+                "huge_pages": self.huge_pages}
+
+
+@dataclass
+class Drive:
+    drive_id: str
+    path_on_host: str
+    is_root_device: bool = False
+    is_read_only: bool = False
+
+    FIELDS = {"drive_id": (str, True), "path_on_host": (str, True),
+              "is_root_device": (bool, True), "is_read_only": (bool, False),
+              "partuuid": (str, False), "cache_type": (str, False), "io_engine": (str, False),
+              "rate_limiter": (dict, False), "socket": (str, False)}
+    UNSUPPORTED = {"partuuid": None, "cache_type": "Unsafe", "io_engine": "Sync",
+                   "rate_limiter": None, "socket": None}
+    PATCH_FIELDS = {"drive_id": (str, True), "path_on_host": (str, False),
+                    "rate_limiter": (dict, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "drive", path_id: str | None = None) -> "Drive":
+        if isinstance(body, dict) and "socket" in body and body.get("socket") is not None:
+            raise ConfigError(f"{where}: vhost-user drives (socket) are {NOT_SUPPORTED[3:]}")
+        f = _object(where, body, cls.FIELDS)
+        _check_id(where, "drive_id", f["drive_id"])
+        if path_id is not None and f["drive_id"] != path_id:
+            raise ConfigError(f"{where}: the drive_id in the body ({f['drive_id']!r}) does not "
+                              f"match the one in the path ({path_id!r})")
+        for name, allowed in (("cache_type", ("Unsafe", "Writeback")),
+                              ("io_engine", ("Sync", "Async"))):
+            if name in f and f[name] not in allowed:
+                raise ConfigError(f"{where}: {name} must be {' or '.join(allowed)}")
+        _unsupported(where, f, cls.UNSUPPORTED)
+        drive = cls(f["drive_id"], f["path_on_host"], f["is_root_device"],
+                    f.get("is_read_only", False))
+        _existing_file(where, "path_on_host", drive.path_on_host,
+                       writable=not drive.is_read_only)
+        return drive
+
+    @classmethod
+    def patch_from_json(cls, body: Any, where: str, path_id: str) -> str | None:
+        """PATCH /drives/{id}: the new path_on_host (None: nothing to change)."""
+        f = _object(where, body, cls.PATCH_FIELDS)
+        _check_id(where, "drive_id", f["drive_id"])
+        if f["drive_id"] != path_id:
+            raise ConfigError(f"{where}: the drive_id in the body ({f['drive_id']!r}) does not "
+                              f"match the one in the path ({path_id!r})")
+        _unsupported(where, f, {"rate_limiter": None})
+        if "path_on_host" in f:
+            _existing_file(where, "path_on_host", f["path_on_host"])
+        return f.get("path_on_host")
+
+    @classmethod
+    def from_cli(cls, text: str, index: int) -> "Drive":
+        """`PATH[,ro][,root][,id=NAME]` (the `--disk` flag)."""
+        path, *options = text.split(",")
+        drive_id, read_only, root = f"drive{index}", False, False
+        for option in options:
+            if option == "ro":
+                read_only = True
+            elif option == "root":
+                root = True
+            elif option.startswith("id="):
+                drive_id = option[3:]
+            else:
+                raise ConfigError(f"--disk {text}: unknown option {option!r}: use "
+                                  "PATH[,ro][,root][,id=NAME]")
+        return cls.from_json({"drive_id": drive_id, "path_on_host": path,
+                              "is_root_device": root, "is_read_only": read_only},
+                             f"--disk {text}")
+
+    def to_json(self) -> dict:
+        return {"drive_id": self.drive_id, "path_on_host": self.path_on_host,
+                "is_root_device": self.is_root_device, "is_read_only": self.is_read_only,
+                "cache_type": "Unsafe", "io_engine": "Sync"}
+
+
+@dataclass
+class NetworkInterface:
+    iface_id: str
+    host_dev_name: str
+    guest_mac: str | None = None
+
+    FIELDS = {"iface_id": (str, True), "host_dev_name": (str, True), "guest_mac": (str, False),
+              "mtu": (int, False), "rx_rate_limiter": (dict, False),
+              "tx_rate_limiter": (dict, False)}
+    UNSUPPORTED = {"mtu": None, "rx_rate_limiter": None, "tx_rate_limiter": None}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "network-interface",
+                  path_id: str | None = None) -> "NetworkInterface":
+        f = _object(where, body, cls.FIELDS)
+        _check_id(where, "iface_id", f["iface_id"])
+        if path_id is not None and f["iface_id"] != path_id:
+            raise ConfigError(f"{where}: the iface_id in the body ({f['iface_id']!r}) does not "
+                              f"match the one in the path ({path_id!r})")
+        _unsupported(where, f, cls.UNSUPPORTED)
+        tap = f["host_dev_name"]
+        if not 1 <= len(tap.encode()) <= MAX_TAP_NAME or tap in (".", "..") or \
+                any(c in tap for c in "/:\0") or any(c.isspace() for c in tap):
+            raise ConfigError(f"{where}: host_dev_name {tap!r} is not a valid interface name "
+                              f"(1 to {MAX_TAP_NAME} bytes, no '/', ':' or spaces)")
+        mac = f.get("guest_mac")
+        if mac is not None:
+            if not MAC_RE.fullmatch(mac):
+                raise ConfigError(f"{where}: guest_mac {mac!r} is not a MAC address like "
+                                  "06:00:AC:10:00:02")
+            if int(mac[:2], 16) & 1:
+                raise ConfigError(f"{where}: guest_mac {mac} is a multicast address")
+        return cls(f["iface_id"], tap, mac)
+
+    @classmethod
+    def from_cli(cls, text: str, index: int) -> "NetworkInterface":
+        """`tap=NAME[,mac=XX:..][,id=NAME]` (the `--net` flag)."""
+        values = {"id": f"eth{index}"}
+        for option in text.split(","):
+            key, eq, value = option.partition("=")
+            if not eq or key not in ("tap", "mac", "id"):
+                raise ConfigError(f"--net {text}: bad option {option!r}: use "
+                                  "tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME]")
+            values[key] = value
+        if "tap" not in values:
+            raise ConfigError(f"--net {text}: tap=NAME is required")
+        body = {"iface_id": values["id"], "host_dev_name": values["tap"]}
+        if "mac" in values:
+            body["guest_mac"] = values["mac"]
+        return cls.from_json(body, f"--net {text}")
+
+    def to_json(self) -> dict:
+        out = {"iface_id": self.iface_id, "host_dev_name": self.host_dev_name}
+        if self.guest_mac is not None:
+            out["guest_mac"] = self.guest_mac
+        return out
+
+
+@dataclass
+class Entropy:
+    FIELDS = {"rate_limiter": (dict, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "entropy") -> "Entropy":
+        _unsupported(where, _object(where, body, cls.FIELDS), {"rate_limiter": None})
+        return cls()
+
+    def to_json(self) -> dict:
+        return {}
+
+
+@dataclass
+class Vsock:
+    """Stored and reported; the virtio-vsock device does not exist yet."""
+    guest_cid: int
+    uds_path: str
+    vsock_id: str | None = None
+
+    FIELDS = {"guest_cid": (int, True), "uds_path": (str, True), "vsock_id": (str, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "vsock") -> "Vsock":
+        f = _object(where, body, cls.FIELDS)
+        if not 3 <= f["guest_cid"] <= 0xFFFF_FFFE:
+            raise ConfigError(f"{where}: guest_cid {f['guest_cid']} is out of range: use 3 to "
+                              "4294967294")
+        if not f["uds_path"]:
+            raise ConfigError(f"{where}: uds_path is empty")
+        if "vsock_id" in f:
+            _check_id(where, "vsock_id", f["vsock_id"])
+        return cls(**f)
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"guest_cid": self.guest_cid, "uds_path": self.uds_path}
+        if self.vsock_id is not None:
+            out["vsock_id"] = self.vsock_id
+        return out
+
+
+LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
+
+
+@dataclass
+class Logger:
+    log_path: str | None = None
+    level: str = "Info"
+    show_level: bool = False
+    show_log_origin: bool = False
+    module: str | None = None
+
+    FIELDS = {"log_path": (str, False), "level": (str, False), "show_level": (bool, False),
+              "show_log_origin": (bool, False), "module": (str, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "logger") -> "Logger":
+        f = _object(where, body, cls.FIELDS)
+        if "level" in f:
+            level = next((lv for lv in LOG_LEVELS if lv.lower() == f["level"].lower()), None)
+            if level is None:
+                raise ConfigError(f"{where}: level {_describe(f['level'])} is not one of "
+                                  f"{', '.join(LOG_LEVELS)}")
+            f["level"] = level
+        if "log_path" in f:
+            _output_path(where, "log_path", f["log_path"])
+        return cls(**f)
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"level": self.level, "show_level": self.show_level,
+                               "show_log_origin": self.show_log_origin}
+        if self.log_path is not None:
+            out["log_path"] = self.log_path
+        if self.module is not None:
+            out["module"] = self.module
+        return out
+
+
+@dataclass
+class Metrics:
+    metrics_path: str
+
+    FIELDS = {"metrics_path": (str, True)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "metrics") -> "Metrics":
+        f = _object(where, body, cls.FIELDS)
+        _output_path(where, "metrics_path", f["metrics_path"])
+        return cls(**f)
+
+    def to_json(self) -> dict:
+        return {"metrics_path": self.metrics_path}
+
+
+@dataclass
+class SerialConfig:
+    serial_out_path: str | None = None      # None: the process's choice (stdout by default)
+
+    FIELDS = {"serial_out_path": (str, False), "rate_limiter": (dict, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "serial") -> "SerialConfig":
+        f = _object(where, body, cls.FIELDS)
+        _unsupported(where, f, {"rate_limiter": None})
+        if "serial_out_path" in f:
+            _output_path(where, "serial_out_path", f["serial_out_path"])
+        return cls(f.get("serial_out_path"))
+
+    def to_json(self) -> dict:
+        return {} if self.serial_out_path is None else {"serial_out_path": self.serial_out_path}
+
+
+# -- the whole VM ---------------------------------------------------------------
+
+# Firecracker config-file sections pyvmm does not implement: accepted only when null or empty.
+UNSUPPORTED_SECTIONS = ("balloon", "cpu-config", "mmds-config", "pmem", "memory-hotplug")
+
+
+@dataclass
+class VmSpec:
+    """Everything `GET /vm/config` reports; a config file has the same shape."""
+    boot_source: BootSource | None = None
+    machine_config: MachineConfig = field(default_factory=MachineConfig)
+    drives: dict[str, Drive] = field(default_factory=dict)
+    network_interfaces: dict[str, NetworkInterface] = field(default_factory=dict)
+    entropy: Entropy | None = None
+    vsock: Vsock | None = None
+    logger: Logger | None = None
+    metrics: Metrics | None = None
+    serial: SerialConfig | None = None
+
+    # -- updates (each checks the whole-VM rules) -----------------------------------
+
+    def put_drive(self, drive: Drive) -> None:
+        root = next((d for d in self.drives.values() if d.is_root_device), None)
+        if drive.is_root_device and root is not None and root.drive_id != drive.drive_id:
+            raise ConfigError(f"drive {drive.drive_id}: a root device already exists "
+                              f"({root.drive_id})")
+        self.drives[drive.drive_id] = drive
+
+    def put_network_interface(self, iface: NetworkInterface) -> None:
+        for other in self.network_interfaces.values():
+            if other.iface_id == iface.iface_id:
+                continue
+            if other.host_dev_name == iface.host_dev_name:
+                raise ConfigError(f"network interface {iface.iface_id}: host_dev_name "
+                                  f"{iface.host_dev_name} is already used by {other.iface_id}")
+            if iface.guest_mac and other.guest_mac and \
+                    other.guest_mac.lower() == iface.guest_mac.lower():
+                raise ConfigError(f"network interface {iface.iface_id}: guest_mac "
+                                  f"{iface.guest_mac} is already used by {other.iface_id}")
+        self.network_interfaces[iface.iface_id] = iface
+
+    def ordered_drives(self) -> list[Drive]:
+        """The root device first (it becomes /dev/vda, as in Firecracker), then in the
+        order they were added."""
+        drives = list(self.drives.values())
+        return sorted(drives, key=lambda d: not d.is_root_device)
+
+    # -- JSON -------------------------------------------------------------------
+
+    SECTIONS = ("boot-source", "machine-config", "drives", "network-interfaces", "entropy",
+                "vsock", "logger", "metrics", "serial") + UNSUPPORTED_SECTIONS
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "config") -> "VmSpec":
+        """A config file or the body of `GET /vm/config`."""
+        if isinstance(body, (str, bytes)):
+            try:
+                body = json.loads(body)
+            except (ValueError, RecursionError) as exc:
+                raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {_json_type(body)}")
+        unknown = sorted(set(body) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section {unknown[0]!r}; the sections are "
+                              f"{', '.join(cls.SECTIONS[:9])}")
+        for name in UNSUPPORTED_SECTIONS:
+            if body.get(name) not in (None, [], {}):
+                raise ConfigError(f"{where}: {name} {NOT_SUPPORTED}")
+        spec = cls()
+        if body.get("boot-source") is None:
+            raise ConfigError(f"{where}: missing section 'boot-source'")
+        spec.boot_source = BootSource.from_json(body["boot-source"])
+        if body.get("machine-config") is not None:
+            spec.machine_config = MachineConfig.from_json(body["machine-config"])
+        for name, kind, put in (("drives", Drive, spec.put_drive),
+                                ("network-interfaces", NetworkInterface,
+                                 spec.put_network_interface)):
+            items = body.get(name) or []
+            if not isinstance(items, list):
+                raise ConfigError(f"{where}: {name} must be an array, not {_json_type(items)}")
+            ids = set()
+            for index, item in enumerate(items):
+                obj = kind.from_json(item, f"{name}[{index}]")
+                ident = obj.drive_id if kind is Drive else obj.iface_id
+                if ident in ids:
+                    raise ConfigError(f"{where}: {name}[{index}]: duplicate id {ident!r}")
+                ids.add(ident)
+                put(obj)
+        for name, kind in (("entropy", Entropy), ("vsock", Vsock), ("logger", Logger),
+                           ("metrics", Metrics), ("serial", SerialConfig)):
+            if body.get(name) is not None:
+                setattr(spec, name, kind.from_json(body[name]))
+        return spec
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "VmSpec":
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        return cls.from_json(text, f"config file {path}")
+
+    def to_json(self) -> dict:
+        """The body of `GET /vm/config`, in Firecracker's key order; sections that
+        are not configured are null, as Firecracker reports them."""
+        def opt(section):
+            return section.to_json() if section is not None else None
+        out = {
+            "balloon": None,
+            "drives": [d.to_json() for d in self.ordered_drives()],
+            "boot-source": opt(self.boot_source),
+            "cpu-config": None,
+            "logger": opt(self.logger),
+            "machine-config": self.machine_config.to_json(),
+            "metrics": opt(self.metrics),
+            "mmds-config": None,
+            "network-interfaces": [n.to_json() for n in self.network_interfaces.values()],
+            "vsock": opt(self.vsock),
+            "entropy": opt(self.entropy),
+        }
+        if self.serial is not None:         # a pyvmm extension: only when configured
+            out["serial"] = self.serial.to_json()
+        return out
+
+    # -- building one from Python or CLI values ------------------------------------------
+
+    @classmethod
+    def build(cls, *, kernel: str | os.PathLike, initrd: str | os.PathLike | None = None,
+              cmdline: str = "", boot_args: str | None = None, vcpus: int = DEFAULT_VCPUS,
+              mem_mib: int = DEFAULT_MEM_MIB, drives: Iterable[Any] = (),
+              nets: Iterable[Any] = (), rng: bool = False,
+              serial_out_path: str | os.PathLike | None = None) -> "VmSpec":
+        """The model from keyword values (MicroVM(...) and `pyvmm run` flags).
+
+        cmdline is appended to the default command line; boot_args replaces it, as in
+        Firecracker.  A drive or net may be a Drive / NetworkInterface, its JSON dict,
+        or the CLI syntax (`PATH[,ro][,root][,id=NAME]`, `tap=NAME[,mac=..]`).
+        """
+        if boot_args is not None and cmdline:
+            raise ConfigError("give cmdline (appended to the defaults) or boot_args "
+                              "(replaces them), not both")
+        for name, value, kind in (("vcpus", vcpus, int), ("mem_mib", mem_mib, int),
+                                  ("rng", rng, bool), ("cmdline", cmdline, str)):
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{name} must be {_TYPE_NAMES[kind]}, not {_describe(value)}")
+        if boot_args is None:
+            boot_args = " ".join(filter(None, (DEFAULT_BOOT_ARGS, cmdline)))
+        boot: dict[str, Any] = {"kernel_image_path": os.fspath(kernel), "boot_args": boot_args}
+        if initrd is not None:
+            boot["initrd_path"] = os.fspath(initrd)
+        spec = cls(boot_source=BootSource.from_json(boot))
+        spec.machine_config = MachineConfig.from_json({"vcpu_count": vcpus,
+                                                       "mem_size_mib": mem_mib})
+        for index, drive in enumerate(drives):
+            if isinstance(drive, str):
+                drive = Drive.from_cli(drive, index)
+            elif isinstance(drive, dict):
+                drive = Drive.from_json(drive, f"drives[{index}]")
+            elif not isinstance(drive, Drive):
+                raise ConfigError(f"drives[{index}]: expected a Drive, a dict or a string")
+            if drive.drive_id in spec.drives:
+                raise ConfigError(f"drives[{index}]: duplicate drive_id {drive.drive_id!r}")
+            spec.put_drive(drive)
+        for index, net in enumerate(nets):
+            if isinstance(net, str):
+                net = NetworkInterface.from_cli(net, index)
+            elif isinstance(net, dict):
+                net = NetworkInterface.from_json(net, f"network-interfaces[{index}]")
+            elif not isinstance(net, NetworkInterface):
+                raise ConfigError(f"nets[{index}]: expected a NetworkInterface, a dict or a "
+                                  "string")
+            if net.iface_id in spec.network_interfaces:
+                raise ConfigError(f"nets[{index}]: duplicate iface_id {net.iface_id!r}")
+            spec.put_network_interface(net)
+        if rng:
+            spec.entropy = Entropy()
+        if serial_out_path is not None:
+            spec.serial = SerialConfig.from_json({"serial_out_path": os.fspath(serial_out_path)})
+        return spec
+
+    # -- to the VMM ---------------------------------------------------------------
+
+    def to_vm_config(self, console: str = "stdio"):
+        """A pyvmm.vmm.VmConfig.  console (stdio, file:PATH, none) applies unless the
+        serial section names an output file."""
+        from pyvmm.vmm import DriveConfig, NetConfig, VmConfig
+        if self.boot_source is None:
+            raise ConfigError("cannot start the microVM without a boot source: "
+                              "PUT /boot-source first")
+        self.machine_config.validate()
+        boot = self.boot_source
+        if self.serial is not None and self.serial.serial_out_path is not None:
+            console = f"file:{self.serial.serial_out_path}"
+        return VmConfig(
+            kernel=Path(boot.kernel_image_path),
+            initrd=Path(boot.initrd_path) if boot.initrd_path else None,
+            # Firecracker semantics: boot_args, when given, is the whole command line.
+            cmdline=boot.boot_args if boot.boot_args is not None else DEFAULT_BOOT_ARGS,
+            extra_cmdline_defaults="",
+            mem_mib=self.machine_config.mem_size_mib,
+            vcpus=self.machine_config.vcpu_count,
+            console=console,
+            drives=[DriveConfig(d.drive_id, Path(d.path_on_host), d.is_read_only,
+                                d.is_root_device) for d in self.ordered_drives()],
+            nets=[NetConfig(n.iface_id, n.host_dev_name, n.guest_mac)
+                  for n in self.network_interfaces.values()],
+            entropy=self.entropy is not None,
+        )
+
+
+__all__ = ["BootSource", "ConfigError", "Drive", "Entropy", "Logger", "MachineConfig",
+           "Metrics", "NetworkInterface", "SerialConfig", "VmSpec", "Vsock"]
