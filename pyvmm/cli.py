@@ -122,7 +122,7 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
     server = None
     if args.api_sock is not None:
         from pyvmm.api.server import ApiServer
-        server = ApiServer(vm, str(args.api_sock))
+        server = ApiServer(vm, http=args.http)
         server.start()
     previous = signal.signal(signal.SIGTERM, _terminate) \
         if threading.current_thread() is threading.main_thread() else None
@@ -164,17 +164,36 @@ def _microvm(spec, args: argparse.Namespace):
     return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID)
 
 
+def _bind_api_socket(args: argparse.Namespace) -> None:
+    """Listen on --api-sock first thing: connections queue in the backlog while the
+    rest of pyvmm is imported, and are answered as soon as the server starts."""
+    args.http = None
+    if args.api_sock is not None:
+        from pyvmm.api.http import HttpServer
+        args.http = HttpServer(str(args.api_sock))
+        args.http.bind()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_api and args.api_sock is not None:
         raise PyvmmError("--no-api and --api-sock contradict each other: pick one")
-    with _microvm(spec_from_args(args), args) as vm:
-        return _serve_vm(vm, args, start=True)
+    _bind_api_socket(args)
+    try:
+        with _microvm(spec_from_args(args), args) as vm:
+            return _serve_vm(vm, args, start=True)
+    finally:
+        if args.http is not None:
+            args.http.close()
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from pyvmm.config import VmSpec
-    with _microvm(VmSpec(), args) as vm:
-        return _serve_vm(vm, args, start=False)
+    _bind_api_socket(args)
+    try:
+        from pyvmm.config import VmSpec
+        with _microvm(VmSpec(), args) as vm:
+            return _serve_vm(vm, args, start=False)
+    finally:
+        args.http.close()
 
 
 def cmd_guest(args: argparse.Namespace) -> int:

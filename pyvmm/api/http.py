@@ -16,6 +16,7 @@ request, and is expected to serialize its own work.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import socketserver
@@ -69,6 +70,11 @@ class BadRequest(Exception):
 
 class _Closed(Exception):
     """The peer closed the connection, or timed out between requests."""
+
+
+def fault(message: str) -> bytes:
+    """Firecracker's error body."""
+    return json.dumps({"fault_message": message}).encode()
 
 
 Handler = Callable[[Request], Response]
@@ -261,7 +267,8 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
 
 class HttpServer:
-    def __init__(self, path: str, handler: Handler, error_body: ErrorBody, *,
+    def __init__(self, path: str, handler: Handler | None = None,
+                 error_body: ErrorBody = fault, *,
                  max_body: int = DEFAULT_MAX_BODY, request_timeout: float = 10.0,
                  idle_timeout: float = 600.0, max_connections: int = 64) -> None:
         self.path = str(path)

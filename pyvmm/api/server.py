@@ -17,7 +17,7 @@ import re
 import threading
 from typing import Any, Callable
 
-from pyvmm.api.http import HttpServer, Request, Response
+from pyvmm.api.http import HttpServer, Request, Response, fault
 from pyvmm.config import (BootSource, ConfigError, Drive, Entropy, Logger, MachineConfig,
                           Metrics, NetworkInterface, SerialConfig, Vsock)
 from pyvmm.errors import PyvmmError
@@ -50,10 +50,6 @@ def _vm_version() -> str:
         return version("pyvmm")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "0.1.0"
-
-
-def fault(message: str) -> bytes:
-    return json.dumps({"fault_message": message}).encode()
 
 
 def _reject_constant(name: str) -> Any:
@@ -267,10 +263,19 @@ class ApiController:
 class ApiServer:
     """The API of one MicroVM on a Unix socket."""
 
-    def __init__(self, vm: MicroVM, path: str, **http_options: Any) -> None:
+    def __init__(self, vm: MicroVM, path: str | None = None, *, http: HttpServer | None = None,
+                 **http_options: Any) -> None:
+        """Serve on path, or through http: an HttpServer already bound (the CLI binds
+        its socket before importing the rest of pyvmm, so that clients can connect
+        sooner; their requests wait in the listen backlog until start())."""
         self.vm = vm
         self.controller = ApiController(vm)
-        self.http = HttpServer(path, self.controller.handle, fault, **http_options)
+        if http is None:
+            if path is None:
+                raise ValueError("ApiServer needs a path or an HttpServer")
+            http = HttpServer(path, **http_options)
+        http.handler = self.controller.handle
+        self.http = http
 
     @property
     def path(self) -> str:
