@@ -529,7 +529,8 @@ class VmSpec:
         for name, kind, put in (("drives", Drive, spec.put_drive),
                                 ("network-interfaces", NetworkInterface,
                                  spec.put_network_interface)):
-            items = body.get(name) or []
+            items = body.get(name)
+            items = [] if items is None else items
             if not isinstance(items, list):
                 raise ConfigError(f"{where}: {name} must be an array, not {_json_type(items)}")
             ids = set()

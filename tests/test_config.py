@@ -1,0 +1,163 @@
+"""pyvmm.config: the one model behind the API, the config file, the CLI flags
+and MicroVM's keyword arguments; strict parsing and the conversion to VmConfig."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvmm import config as cfg
+from pyvmm.config import ConfigError, Drive, MachineConfig, NetworkInterface, VmSpec
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "vmlinux").write_bytes(b"kernel")
+    (tmp_path / "initrd").write_bytes(b"initrd")
+    (tmp_path / "root.img").write_bytes(bytes(8192))
+    (tmp_path / "data.img").write_bytes(bytes(8192))
+    return tmp_path
+
+
+def full_config(files) -> dict:
+    """Every section pyvmm supports, in a config file's shape."""
+    return {
+        "boot-source": {"kernel_image_path": str(files / "vmlinux"),
+                        "initrd_path": str(files / "initrd"), "boot_args": "console=ttyS0"},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 512, "smt": False,
+                           "track_dirty_pages": False, "huge_pages": "None"},
+        "drives": [{"drive_id": "data", "path_on_host": str(files / "data.img"),
+                    "is_root_device": False, "is_read_only": True},
+                   {"drive_id": "rootfs", "path_on_host": str(files / "root.img"),
+                    "is_root_device": True, "is_read_only": False}],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                "guest_mac": "06:00:AC:10:00:02"}],
+        "entropy": {},
+        "vsock": {"guest_cid": 3, "uds_path": str(files / "v.sock")},
+        "logger": {"log_path": str(files / "log"), "level": "Warning"},
+        "metrics": {"metrics_path": str(files / "metrics")},
+        "serial": {"serial_out_path": str(files / "console")},
+        "balloon": None, "mmds-config": None, "cpu-config": None,
+    }
+
+
+def test_constants_agree_with_the_vmm():
+    from pyvmm import vmm
+    assert (cfg.MIN_MEM_MIB, cfg.MAX_MEM_MIB, cfg.MAX_VCPUS) == \
+        (vmm.MIN_MEM_MIB, vmm.MAX_MEM_MIB, vmm.MAX_VCPUS)
+    assert cfg.DEFAULT_BOOT_ARGS == vmm.DEFAULT_CMDLINE
+
+
+def test_a_full_config_file_round_trips(files):
+    spec = VmSpec.from_json(json.dumps(full_config(files)))
+    out = spec.to_json()
+    assert [d["drive_id"] for d in out["drives"]] == ["rootfs", "data"]    # root first
+    assert out["logger"]["level"] == "Warning" and out["entropy"] == {}
+    assert VmSpec.from_json(out).to_json() == out
+    assert list(out)[:3] == ["balloon", "drives", "boot-source"]            # Firecracker's order
+
+
+def test_the_conversion_to_vm_config(files):
+    vm_config = VmSpec.from_json(full_config(files)).to_vm_config("none")
+    assert vm_config.kernel == files / "vmlinux" and vm_config.initrd == files / "initrd"
+    # boot_args replaces the default command line, as in Firecracker
+    assert vm_config.cmdline == "console=ttyS0" and vm_config.extra_cmdline_defaults == ""
+    assert (vm_config.vcpus, vm_config.mem_mib, vm_config.entropy) == (2, 512, True)
+    assert [(d.drive_id, d.is_root, d.read_only) for d in vm_config.drives] == \
+        [("rootfs", True, False), ("data", False, True)]
+    assert [(n.iface_id, n.tap, n.mac) for n in vm_config.nets] == \
+        [("eth0", "tap0", "06:00:AC:10:00:02")]
+    assert vm_config.console == f"file:{files / 'console'}"     # serial section wins
+    without_args = full_config(files)
+    del without_args["boot-source"]["boot_args"], without_args["serial"]
+    vm_config = VmSpec.from_json(without_args).to_vm_config("stdio")
+    assert vm_config.cmdline == cfg.DEFAULT_BOOT_ARGS and vm_config.console == "stdio"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("boot-source"), "missing section 'boot-source'"),
+    (lambda c: c.update(extra={}), "unknown section 'extra'"),
+    (lambda c: c.update(balloon={"amount_mib": 1, "deflate_on_oom": True}), "not supported yet"),
+    (lambda c: c.update(drives={}), "must be an array"),
+    (lambda c: c["drives"].append(dict(c["drives"][0])), "duplicate id 'data'"),
+    (lambda c: c["drives"][0].update(is_root_device=True), "root device already exists"),
+    (lambda c: c["machine-config"].update(vcpu_count=64), "out of range"),
+    (lambda c: c["machine-config"].pop("mem_size_mib"), "missing field 'mem_size_mib'"),
+    (lambda c: c["network-interfaces"][0].update(host_dev_name=""), "not a valid interface"),
+    (lambda c: c["vsock"].update(guest_cid=True), "must be an integer"),
+    (lambda c: c["logger"].update(level="Verbose"), "not one of"),
+    (lambda c: c["boot-source"].update(kernel_image_path="/no/such"), "No such file"),
+])
+def test_bad_config_files_are_refused_with_the_field_named(files, change, words):
+    config = full_config(files)
+    change(config)
+    with pytest.raises(ConfigError, match=words):
+        VmSpec.from_json(config)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        VmSpec.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        VmSpec.from_file(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        VmSpec.from_file(tmp_path / "list.json")
+
+
+@pytest.mark.parametrize("vcpus, smt, ok", [
+    (1, True, True), (2, True, True), (32, True, True), (3, True, False), (31, True, False),
+    (3, False, True), (0, False, False), (33, False, False)])
+def test_vcpu_count_rules(vcpus, smt, ok):
+    """1 to 32; with smt, 1 or even (Firecracker's rule, its API document's wording)."""
+    body = {"vcpu_count": vcpus, "mem_size_mib": 128, "smt": smt}
+    if ok:
+        assert MachineConfig.from_json(body).vcpu_count == vcpus
+    else:
+        with pytest.raises(ConfigError):
+            MachineConfig.from_json(body)
+
+
+def test_cli_syntax_for_disks_and_nets(files):
+    drive = Drive.from_cli(f"{files / 'root.img'},ro,root,id=rootfs", 0)
+    assert (drive.drive_id, drive.is_read_only, drive.is_root_device) == ("rootfs", True, True)
+    assert Drive.from_cli(str(files / "data.img"), 3).drive_id == "drive3"
+    net = NetworkInterface.from_cli("tap=tap7,mac=06:00:00:00:00:07", 1)
+    assert (net.iface_id, net.host_dev_name, net.guest_mac) == ("eth1", "tap7",
+                                                                "06:00:00:00:00:07")
+    for text in ("mac=06:00:00:00:00:07", "tap", "tap=t,speed=10"):
+        with pytest.raises(ConfigError, match="--net"):
+            NetworkInterface.from_cli(text, 0)
+    with pytest.raises(ConfigError, match="unknown option 'rw'"):
+        Drive.from_cli(f"{files / 'root.img'},rw", 0)
+
+
+def test_build_is_the_same_model_as_a_config_file(files):
+    spec = VmSpec.build(kernel=files / "vmlinux", initrd=files / "initrd", cmdline="quiet",
+                        vcpus=2, mem_mib=512, drives=[f"{files / 'root.img'},root,id=rootfs"],
+                        nets=["tap=tap0"], rng=True)
+    again = VmSpec.from_json(spec.to_json())
+    assert again.to_json() == spec.to_json()
+    assert spec.boot_source.boot_args == f"{cfg.DEFAULT_BOOT_ARGS} quiet"
+
+
+json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
+    st.text(max_size=8)
+json_values = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+SECTION_NAMES = list(VmSpec.SECTIONS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(SECTION_NAMES + ["junk"]), json_values, max_size=5))
+def test_random_config_files_give_config_error_or_a_valid_model(body):
+    try:
+        spec = VmSpec.from_json(body)
+    except ConfigError as exc:
+        assert str(exc)
+    else:
+        assert VmSpec.from_json(spec.to_json()).to_json() == spec.to_json()
