@@ -154,8 +154,8 @@ def _write_line(fd: int, line: str) -> bool:
     try:
         os.write(fd, line.encode() + b"\n")
         return True
-    except BlockingIOError:
-        return False                         # a full FIFO nobody reads: drop the line
+    except OSError:
+        return False            # a full FIFO nobody reads, a full disk...: drop the line
 
 
 def _delta(now: Any, before: Any) -> Any:
@@ -200,6 +200,8 @@ class MetricsWriter:
 
     def flush(self) -> None:
         with self.lock:
+            if self.fd < 0:
+                return
             now = self.snapshot()
             line = {"utc_timestamp_ms": int(time.time() * 1000),
                     "vmm": {"id": self.vm.vm_id, "state": self.vm.state},
@@ -219,9 +221,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._stop.set()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO,

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pyvmm.cli import _build_parser, spec_from_args
-from pyvmm.config import DEFAULT_BOOT_ARGS, VmSpec
+from pyvmm.config import DEFAULT_BOOT_ARGS
 
 
 @pytest.fixture

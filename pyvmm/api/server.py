@@ -18,10 +18,10 @@ import threading
 from typing import Any, Callable
 
 from pyvmm.api.http import HttpServer, Request, Response, fault
-from pyvmm.config import (BootSource, ConfigError, Drive, Entropy, Logger, MachineConfig,
+from pyvmm.config import (BootSource, Drive, Entropy, Logger, MachineConfig,
                           Metrics, NetworkInterface, SerialConfig, Vsock)
 from pyvmm.errors import PyvmmError
-from pyvmm.microvm import EXITED, MicroVM
+from pyvmm.microvm import BEFORE_START, MicroVM
 
 APP_NAME = "pyvmm"
 # GET /version's firecracker_version: the Firecracker API level pyvmm follows
@@ -196,7 +196,6 @@ class ApiController:
     def patch_drive(self, id: str, body: Any) -> None:  # noqa: A002
         where = f"PATCH /drives/{id}"
         if self.vm.state == "Not started":
-            from pyvmm.microvm import BEFORE_START
             raise ApiError(BEFORE_START)
         path = Drive.patch_from_json(body, where, id)
         self.vm.update_drive(id, path)
@@ -295,4 +294,4 @@ class ApiServer:
         self.close()
 
 
-__all__ = ["ApiController", "ApiServer", "FIRECRACKER_API_VERSION", "EXITED"]
+__all__ = ["ApiController", "ApiServer", "FIRECRACKER_API_VERSION"]
