@@ -5,6 +5,7 @@ Errors are one line on stderr and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -136,7 +137,7 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
             print("pyvmm: KVM PVM host: adding kernel parameters to avoid instructions it "
                   "cannot emulate, and fixing up int3/fwait", file=sys.stderr)
         if args.console == "stdio" and vm.state != "Exited":
-            reader = StdinReader(vm.serial.write, vm.stop)
+            reader = StdinReader(functools.partial(_type_into, vm), vm.stop)
             reader.start()
         result = None
         while result is None:
@@ -153,6 +154,14 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
     if result.exit_code:
         print(f"pyvmm: {result.reason}", file=sys.stderr)
     return result.exit_code
+
+
+def _type_into(vm, data: bytes) -> None:
+    from pyvmm.microvm import MicroVMError
+    try:
+        vm.serial.write(data)
+    except MicroVMError:
+        pass                        # typed after the VM ended: nobody to read it
 
 
 def _terminate(signum, frame):  # noqa: ANN001 - a signal handler
