@@ -25,6 +25,7 @@ from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
 from pyvmm.devices.virtio.blk import Block
 from pyvmm.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, \
     eventfd_irq
+from pyvmm.devices.virtio.net import Net, default_mac, parse_mac
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Outcome, OutcomeKind
@@ -138,12 +139,26 @@ class LinuxVm:
     def _add_virtio_devices(self, config: VmConfig) -> str:
         """Create the configured virtio devices; returns their kernel parameters."""
         devices: list[tuple[str, VirtioDevice]] = []
+        try:
+            return self._create_virtio_devices(config, devices)
+        except BaseException:
+            for _, device in devices:
+                if isinstance(device, (Block, Net)):
+                    device.close()
+            raise
+
+    def _create_virtio_devices(self, config: VmConfig,
+                               devices: list[tuple[str, VirtioDevice]]) -> str:
         drives = sorted(config.drives, key=lambda d: not d.is_root)    # the root is vda
         for drive in drives:
             devices.append((f"drive:{drive.drive_id}",
                             Block(drive.path, drive.read_only, serial=drive.drive_id)))
-        if config.nets:
-            raise VmError("virtio-net is not supported yet")
+        for net in config.nets:
+            mac = parse_mac(net.mac) if net.mac else default_mac(net.iface_id)
+            device = Net(net.tap, mac)
+            device.watch_tap = functools.partial(self.iothread.watch, device.fd,
+                                                 device.tap_readable)
+            devices.append((f"net:{net.iface_id}", device))
         if config.entropy:
             devices.append(("entropy", Rng()))
         if len(devices) > len(VIRTIO_IRQS):
@@ -262,7 +277,7 @@ class LinuxVm:
         if iothread is not None:
             iothread.stop()
         for transport in getattr(self, "virtio", {}).values():
-            if isinstance(transport.device, Block):
+            if isinstance(transport.device, (Block, Net)):
                 transport.device.close()
         for fd in getattr(self, "_eventfds", []):
             os.close(fd)

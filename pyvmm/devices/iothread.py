@@ -2,6 +2,7 @@
 backend fds (TAP) off the vCPU threads, like Firecracker's event manager."""
 from __future__ import annotations
 
+import collections
 import os
 import selectors
 import threading
@@ -17,6 +18,7 @@ class IoThread:
         self._selector.register(self._wake, selectors.EVENT_READ, None)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self.errors: list[BaseException] = []
 
     def add_eventfd(self, fd: int, handler: Handler) -> None:
@@ -29,8 +31,20 @@ class IoThread:
             handler()
         self._selector.register(fd, selectors.EVENT_READ, drain_then_handle)
 
-    def add_reader(self, fd: int, handler: Handler) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, handler)
+    def watch(self, fd: int, handler: Handler, on: bool) -> None:
+        """Start or stop calling handler when fd is readable.  Safe from any
+        thread: the selector itself is only ever changed on the I/O thread."""
+        def change() -> None:
+            registered = fd in self._selector.get_map()
+            if on and not registered:
+                self._selector.register(fd, selectors.EVENT_READ, handler)
+            elif not on and registered:
+                self._selector.unregister(fd)
+        if threading.current_thread() is self._thread:
+            change()
+        else:
+            self._calls.append(change)
+            os.eventfd_write(self._wake, 1)
 
     def start(self) -> None:
         self._thread.start()
@@ -47,8 +61,17 @@ class IoThread:
         while not self._stop:
             for key, _ in self._selector.select():
                 if key.data is None:
+                    self._run_calls()
                     continue
                 try:
                     key.data()
                 except Exception as exc:  # noqa: BLE001 - a device bug must not kill the loop
                     self.errors.append(exc)
+
+    def _run_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._calls:
+            self._calls.popleft()()

@@ -74,6 +74,9 @@ class VirtioDevice:
     def reset(self) -> None:
         """The driver reset the device; drop in-flight state."""
 
+    def failed(self) -> None:
+        """The device stopped serving (NEEDS_RESET); stop any backend polling."""
+
     def acked(self, bit: int) -> bool:
         return bool(self.transport and self.transport.driver_features >> bit & 1)
 
@@ -244,12 +247,16 @@ class VirtioMmio:
 
     def notify(self, index: int) -> None:
         """The driver kicked queue `index`."""
+        if index < len(self.device.queues) and self.device.queues[index].ready:
+            self.serve(lambda: self.device.process_queue(index))
+
+    def serve(self, work: Callable[[], None]) -> None:
+        """Run device work on the queues (I/O thread); a broken ring fails the device."""
         with self.lock:
-            queue = self.device.queues[index]
-            if not self.active or not queue.ready:
+            if not self.active:
                 return
             try:
-                self.device.process_queue(index)
+                work()
             except QueueError as exc:
                 self.fail(str(exc))
 
@@ -258,6 +265,7 @@ class VirtioMmio:
         self.error = reason
         self.device.stats["errors"] += 1
         self.status |= DEVICE_NEEDS_RESET
+        self.device.failed()
         if self.status & DRIVER_OK:
             self.interrupt(INT_CONFIG)
 

@@ -1,0 +1,235 @@
+"""virtio-net on a TAP device (virtio 1.2, section 5.1).
+
+The TAP is opened with IFF_VNET_HDR, whose 12-byte header is exactly
+struct virtio_net_hdr_v1: the guest's checksum and segmentation offload
+requests pass through to the host kernel unchanged, and the host's go to
+the guest the same way.  That makes CSUM/TSO nearly free to offer.
+Receive uses mergeable buffers: a packet may span several of the guest's
+chains, counted in the header's num_buffers.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import struct
+from typing import Callable
+
+from pyvmm.devices.virtio.mmio import VirtioDevice
+from pyvmm.devices.virtio.queue import Chain, QueueError
+from pyvmm.errors import PyvmmError
+
+DEVICE_ID_NET = 1
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+VNET_HDR_SIZE = 12                       # struct virtio_net_hdr_v1 (5.1.6)
+NUM_BUFFERS_OFFSET = 10
+MAX_PACKET = 65536 + VNET_HDR_SIZE       # the largest GSO frame plus its header
+
+# Feature bits (5.1.3)
+F_CSUM, F_GUEST_CSUM, F_MAC = 0, 1, 5
+F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO = 7, 8, 9, 10
+F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO = 11, 12, 13, 14
+F_MRG_RXBUF, F_STATUS = 15, 16
+S_LINK_UP = 1
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
+IFNAMSIZ = 16
+
+# What each guest receive offload needs from the TAP (TUNSETOFFLOAD).
+GUEST_OFFLOADS = ((F_GUEST_CSUM, TUN_F_CSUM), (F_GUEST_TSO4, TUN_F_TSO4),
+                  (F_GUEST_TSO6, TUN_F_TSO6), (F_GUEST_ECN, TUN_F_TSO_ECN),
+                  (F_GUEST_UFO, TUN_F_UFO))
+
+
+class NetError(PyvmmError):
+    """A TAP device that cannot be used, or a bad MAC address."""
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise NetError(f"bad MAC address {text!r}: use six hex pairs like 06:00:ac:10:00:02")
+    if mac[0] & 1:
+        raise NetError(f"MAC address {text} is multicast: the first byte must be even")
+    return mac
+
+
+def default_mac(iface_id: str) -> bytes:
+    """A stable, locally administered unicast MAC derived from the interface id."""
+    return bytes([0x06]) + hashlib.sha256(iface_id.encode()).digest()[:5]
+
+
+def open_tap(name: str) -> int:
+    if not name or len(name.encode()) >= IFNAMSIZ:
+        raise NetError(f"bad TAP device name {name!r}: 1 to {IFNAMSIZ - 1} characters")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetError(f"cannot open /dev/net/tun: {exc.strerror} (load the tun module)") \
+            from None
+    try:
+        ifreq = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+    except OSError as exc:
+        os.close(fd)
+        raise NetError(f"cannot attach to TAP device {name}: {exc.strerror} (create it first: "
+                       f"`ip tuntap add {name} mode tap`, and run pyvmm where it can open it)") \
+            from None
+    return fd
+
+
+class Net(VirtioDevice):
+    device_id = DEVICE_ID_NET
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    name = "virtio-net"
+
+    def __init__(self, tap: str, mac: bytes, fd: int | None = None) -> None:
+        """Attach to TAP device `tap`; or, for tests, to any packet fd that keeps
+        frame boundaries (a SOCK_DGRAM socketpair) with no offloads."""
+        super().__init__()
+        self.tap_name = tap
+        self.mac = mac
+        self.is_tap = fd is None
+        self.fd = open_tap(tap) if fd is None else fd
+        self.features |= sum(1 << bit for bit in (
+            F_MAC, F_MRG_RXBUF, F_STATUS, F_CSUM, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN,
+            F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN))
+        self.config = bytearray(mac + struct.pack("<H", S_LINK_UP))
+        self.stats.update(rx_packets=0, tx_packets=0, rx_dropped=0)
+        self._rx_buffer = bytearray(MAX_PACKET)
+        self._pending: memoryview | None = None      # a packet waiting for RX buffers
+        # Set by the VM: stop/start watching the TAP for input (I/O thread only).
+        self.watch_tap: Callable[[bool], None] = lambda on: None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def activate(self) -> None:
+        if self.is_tap:
+            offloads = sum(tun for bit, tun in GUEST_OFFLOADS if self.acked(bit))
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, offloads)
+        self.watch_tap(True)
+
+    def reset(self) -> None:
+        self._pending = None
+        self.watch_tap(False)
+
+    def failed(self) -> None:
+        self.watch_tap(False)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- transmit: guest -> TAP ----------------------------------------------------
+
+    def process_queue(self, index: int) -> None:
+        if index == TX:
+            self._transmit()
+        else:
+            self._deliver()             # the guest gave us receive buffers
+
+    def _transmit(self) -> None:
+        queue = self.queues[TX]
+        memory = self.transport.memory
+        sent = 0
+        while (chain := queue.pop()) is not None:
+            if chain.writable:
+                raise QueueError("virtio-net transmit buffers must be device-readable")
+            views = [memory.view(d.addr, d.length) for d in chain.descriptors if d.length]
+            length = sum(len(v) for v in views)
+            if VNET_HDR_SIZE <= length <= MAX_PACKET:
+                try:
+                    os.writev(self.fd, views)
+                    self.stats["tx_packets"] += 1
+                    self.stats["bytes_written"] += length - VNET_HDR_SIZE
+                except OSError:
+                    self.stats["errors"] += 1     # the host side is down: the frame is lost
+            else:
+                self.stats["errors"] += 1
+            queue.push_used(chain.head, 0)
+            sent += 1
+        if sent:
+            self.stats["requests"] += sent
+            self.signal_used(queue)
+
+    # -- receive: TAP -> guest -----------------------------------------------------
+
+    def tap_readable(self) -> None:
+        """The TAP has frames (I/O thread)."""
+        if self.transport is not None:
+            self.transport.serve(self._deliver)
+
+    def _deliver(self) -> None:
+        queue = self.queues[RX]
+        delivered = 0
+        while True:
+            if self._pending is None:
+                try:
+                    n = os.readv(self.fd, [self._rx_buffer])
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.stats["errors"] += 1
+                    break
+                self._pending = memoryview(self._rx_buffer)[:n]
+            if not self._place(self._pending):
+                self.watch_tap(False)   # no buffers: wait for the guest's RX kick
+                break
+            self._pending = None
+            delivered += 1
+        if self._pending is None:
+            self.watch_tap(True)
+        if delivered:
+            self.signal_used(queue)
+
+    def _place(self, packet: memoryview) -> bool:
+        """Copy one frame (vnet header first) into RX chains; False if none are free."""
+        queue = self.queues[RX]
+        memory = self.transport.memory
+        mergeable = self.acked(F_MRG_RXBUF)
+        if not queue.has_available():
+            return False
+        used: list[tuple[Chain, int]] = []
+        offset = 0
+        while offset < len(packet):
+            chain = queue.pop()
+            if chain is None:
+                # Out of buffers mid-frame: the frame is dropped, the chains returned empty.
+                for taken, _ in used:
+                    queue.push_used(taken.head, 0)
+                self.stats["rx_dropped"] += 1
+                return True
+            if chain.readable:
+                raise QueueError("virtio-net receive buffers must be device-writable")
+            written = 0
+            for desc in chain.writable:
+                n = min(desc.length, len(packet) - offset)
+                if n:
+                    memory.write(desc.addr, packet[offset:offset + n])
+                offset += n
+                written += n
+            used.append((chain, written))
+            if not mergeable:
+                break
+        if offset < len(packet) and not mergeable:
+            self.stats["rx_dropped"] += 1          # the frame did not fit a single chain
+        first = used[0][0].writable
+        if first and first[0].length >= VNET_HDR_SIZE:
+            memory.write_int(first[0].addr + NUM_BUFFERS_OFFSET, 2, len(used))
+        for chain, written in used:
+            queue.push_used(chain.head, written)
+        self.stats["rx_packets"] += 1
+        self.stats["bytes_read"] += len(packet) - VNET_HDR_SIZE
+        return True
