@@ -45,10 +45,16 @@ class ConsoleOutput:
         self._changed = threading.Condition()
 
     def __call__(self, data: bytes) -> None:
-        if self._fd is not None:
-            os.write(self._fd, data)
-        elif self._file is not None:
-            self._file.write(data)
+        try:
+            if self._fd is not None:
+                os.write(self._fd, data)
+            elif self._file is not None:
+                self._file.write(data)
+        except OSError:
+            # The reader went away (a closed pipe, a full disk): the guest must
+            # not die of it.  Output is still kept in history.
+            self._fd = None
+            self._file = None
         with self._changed:
             self.history += data
             if len(self.history) > OUTPUT_HISTORY:
