@@ -42,6 +42,7 @@ class ConsoleOutput:
         elif spec != "none":
             raise ConsoleError(f"bad --console {spec!r}: use stdio, file:PATH or none")
         self.history = bytearray()
+        self.total = 0                  # bytes ever written: positions for since()
         self._changed = threading.Condition()
 
     def __call__(self, data: bytes) -> None:
@@ -57,9 +58,16 @@ class ConsoleOutput:
             self._file = None
         with self._changed:
             self.history += data
+            self.total += len(data)
             if len(self.history) > OUTPUT_HISTORY:
                 del self.history[:len(self.history) - OUTPUT_HISTORY]
             self._changed.notify_all()
+
+    def since(self, position: int) -> bytes:
+        """Output from absolute position `position` (a past value of .total) on."""
+        with self._changed:
+            kept_from = self.total - len(self.history)
+            return bytes(self.history[max(0, position - kept_from):])
 
     def wait_for(self, predicate: Callable[[bytes], bool], timeout: float) -> bool:
         with self._changed:

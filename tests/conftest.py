@@ -32,3 +32,13 @@ def _require_kvm(request: pytest.FixtureRequest, kvm_problem: str | None) -> Non
     if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
         pytest.fail(f"KVM is required (PYVMM_REQUIRE_KVM=1) but unusable: {kvm_problem}")
     pytest.skip(f"no usable KVM: {kvm_problem}")
+
+
+@pytest.fixture(scope="session")
+def guest():
+    """The built-in guest's kernel and initramfs (built by `pyvmm guest build`)."""
+    from pyvmm import firmware
+    found = firmware.find_guest()
+    if found is None:
+        pytest.fail("the built-in guest is not built: run `pyvmm guest build` (.ci/run does)")
+    return found

@@ -4,30 +4,16 @@ shared by the checks that can honestly share it.
 """
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from pyvmm import firmware
+from linux_guest import BOOT_TIMEOUT, INIT_MARKER, run_in_shell
 from pyvmm.vmm import LinuxVm, VmConfig
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
-
-INIT_MARKER = b"PYVMM-INIT-OK"
-BOOT_TIMEOUT = 600          # PVM: ~90 s to /init; hardware KVM: well under a second
-PROMPT = b"# "
-
-
-@pytest.fixture(scope="module")
-def guest() -> firmware.GuestPaths:
-    found = firmware.find_guest()
-    if found is None:
-        pytest.fail("the built-in guest is not built: run `pyvmm guest build` (.ci/run does)")
-    return found
-
 
 @pytest.fixture(scope="module")
 def shell_vm(guest):
@@ -43,20 +29,6 @@ def shell_vm(guest):
     vm.stop()
     vm.wait(30)
     vm.close()
-
-
-def run_in_shell(vm: LinuxVm, command: str, timeout: float = 120) -> str:
-    """Type a command at the guest shell; return what it printed."""
-    tag = f"END{abs(hash(command)) % 10**6}"
-    start = len(vm.console.history)
-    vm.send(f"{command}; echo {tag}-$?\n".encode())
-    done = re.compile(rf"{tag}-(\d+)".encode())
-    # The echo of the typed line contains "{tag}-$?", never "{tag}-<digits>".
-    assert vm.console.wait_for(lambda out: done.search(out[start:]) is not None, timeout), \
-        f"command {command!r} did not finish; console:\n{bytes(vm.console.history[start:])!r}"
-    out = bytes(vm.console.history[start:]).decode(errors="replace")
-    body = out.split("\n", 1)[1] if "\n" in out else ""
-    return body[:body.rfind(tag)]
 
 
 def test_pvh_boot_reaches_init(shell_vm):

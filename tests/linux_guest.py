@@ -1,0 +1,24 @@
+"""Helpers for tests that boot the built-in Linux guest."""
+from __future__ import annotations
+
+import re
+
+from pyvmm.vmm import LinuxVm
+
+INIT_MARKER = b"PYVMM-INIT-OK"
+BOOT_TIMEOUT = 600          # PVM: ~90 s to /init; hardware KVM: well under a second
+
+
+def run_in_shell(vm: LinuxVm, command: str, timeout: float = 120) -> str:
+    """Type a command at the guest shell; return what it printed."""
+    tag = f"END{abs(hash(command)) % 10**6}"
+    console = vm.console
+    start = console.total
+    vm.send(f"{command}; echo {tag}-$?\n".encode())
+    done = re.compile(rf"{tag}-(\d+)".encode())
+    # The echo of the typed line contains "{tag}-$?", never "{tag}-<digits>".
+    assert console.wait_for(lambda _: done.search(console.since(start)) is not None, timeout), \
+        f"command {command!r} did not finish; console:\n{console.since(start)!r}"
+    out = console.since(start).decode(errors="replace")
+    body = out.split("\n", 1)[1] if "\n" in out else ""
+    return body[:body.rfind(tag)]
