@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the pyvmm guest initramfs: an uncompressed newc cpio holding the
 # static busybox from Debian's busybox-static, /bin/sh -> busybox (its ash
-# runs every applet without symlinks), /dev/console, and firmware/init.
+# runs every applet without symlinks), /dev/console, /etc/fstab and
+# firmware/init.
 # Uncompressed on purpose: decompressing in the guest kernel is emulated on
 # KVM PVM hosts and costs far more than copying.
 #
@@ -40,6 +41,9 @@ parts.append(entry("dev/console", CHR | 0o600, rdev=(5, 1)))
 parts.append(entry("bin/busybox", REG | 0o755, open(busybox, "rb").read()))
 parts.append(entry("bin/sh", LNK | 0o777, b"busybox"))
 parts.append(entry("init", REG | 0o755, open(init, "rb").read()))
+parts.append(entry("etc/fstab", REG | 0o644, b"proc /proc proc defaults 0 0\n"
+                  b"sysfs /sys sysfs defaults 0 0\ndevtmpfs /dev devtmpfs defaults 0 0\n"
+                  b"tmpfs /tmp tmpfs mode=1777 0 0\n"))
 parts.append(entry("TRAILER!!!", 0))
 blob = b"".join(parts)
 tmp = out + ".tmp"

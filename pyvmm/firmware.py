@@ -123,6 +123,7 @@ def build_guest(progress: bool = True) -> GuestPaths:
     final = guest_dir()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)
     try:
         _run([str(FIRMWARE_DIR / "build-kernel.sh"), str(tmp)], progress)
         _run([str(FIRMWARE_DIR / "build-initramfs.sh"), str(tmp / "initramfs.cpio")], progress)
