@@ -11,6 +11,7 @@ import select
 import sys
 import termios
 import threading
+import time
 import tty
 from typing import Callable, BinaryIO
 
@@ -43,6 +44,8 @@ class ConsoleOutput:
             raise ConsoleError(f"bad --console {spec!r}: use stdio, file:PATH or none")
         self.history = bytearray()
         self.total = 0                  # bytes ever written: positions for since()
+        # Boot timer: the first time each marker is written, time.monotonic().
+        self.markers: dict[bytes, float | None] = {}
         self._changed = threading.Condition()
 
     def __call__(self, data: bytes) -> None:
@@ -59,6 +62,9 @@ class ConsoleOutput:
         with self._changed:
             self.history += data
             self.total += len(data)
+            for marker, seen in self.markers.items():
+                if seen is None and marker in self.history[-(len(marker) + len(data)):]:
+                    self.markers[marker] = time.monotonic()
             if len(self.history) > OUTPUT_HISTORY:
                 del self.history[:len(self.history) - OUTPUT_HISTORY]
             self._changed.notify_all()
