@@ -370,3 +370,29 @@ def test_stop_while_paused_ends_the_machine():
         vm.machine.stop()
         outcome = vm.machine.wait(10)
         assert outcome is not None and outcome.kind == OutcomeKind.STOPPED
+
+
+def test_an_application_processor_starts_on_init_sipi():
+    # The BSP wakes vCPU 1 through the in-kernel LAPIC, as Linux does for its
+    # secondary CPUs: INIT, then a start-up IPI whose vector 8 means 0800:0000.
+    bsp = assemble("""
+        mov $0xfee00000, %rbx
+        movl $0x1ff, 0xf0(%rbx)           # spurious vector register: APIC on
+        movl $0x01000000, 0x310(%rbx)     # ICR high: destination APIC ID 1
+        movl $0x00004500, 0x300(%rbx)     # ICR low: INIT
+        movl $0x01000000, 0x310(%rbx)
+        movl $0x00004608, 0x300(%rbx)     # ICR low: start-up, vector 8
+    1:  pause
+        jmp 1b
+    """, Mode.LONG_RING0)
+    ap = assemble("""
+        mov $0xf4, %dx
+        mov %cs, %ax
+        out %ax, %dx
+    """, Mode.REAL, origin=0)
+    with TinyVm(Mode.LONG_RING0, vcpus=2, irqchip=True) as vm:
+        vm.machine.memory.write(0x8000, ap)
+        vm.load(bsp)
+        outcome = vm.run(timeout=60)
+        assert outcome.kind == OutcomeKind.DEVICE_STOP, outcome.describe()
+        assert outcome.vcpu == 1 and outcome.data == 0x800      # real mode, CS = vector << 8
