@@ -112,6 +112,8 @@ def _existing_file(where: str, what: str, path: str, writable: bool = False) -> 
         raise ConfigError(f"{where}: {what} is empty")
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"{where}: {what} {path} cannot be used: {exc.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):

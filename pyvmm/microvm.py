@@ -300,7 +300,7 @@ class MicroVM:
                                "or dashes")
         if console not in ("stdio", "none") and not (console.startswith("file:") and
                                                       len(console) > 5):
-            raise MicroVMError(f"bad console {console!r}: use stdio, file:PATH or none")
+            raise MicroVMError(f"bad --console {console!r}: use stdio, file:PATH or none")
         self.spec = spec
         self.console = console
         self.vm_id = vm_id

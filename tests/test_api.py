@@ -196,7 +196,7 @@ def test_boot_source(api, files):
     assert config["boot-source"] == {"kernel_image_path": str(files / "vmlinux"),
                                      "initrd_path": None, "boot_args": None}
     for body, words in [({}, "missing field 'kernel_image_path'"),
-                        ({"kernel_image_path": str(files / "nope")}, "No such file"),
+                        ({"kernel_image_path": str(files / "nope")}, "does not exist"),
                         ({"kernel_image_path": str(files)}, "not a regular file"),
                         ({"kernel_image_path": 7}, "must be a string"),
                         ({"kernel_image_path": str(files / "vmlinux"),
@@ -258,7 +258,7 @@ def test_drives(api, files):
             ("/drives/other", root, "does not match"),
             ("/drives/second_root", {**root, "drive_id": "second_root"}, "root device already"),
             ("/drives/x", {**data, "drive_id": "x", "path_on_host": str(files / "none")},
-             "No such file"),
+             "does not exist"),
             ("/drives/bad-id", {**data, "drive_id": "bad-id"}, "invalid"),
             ("/drives/x", {**data, "drive_id": "x", "is_root_device": "yes"}, "boolean"),
             ("/drives/x", {k: v for k, v in data.items() if k != "is_root_device"} |
@@ -400,7 +400,7 @@ def test_lifecycle_through_the_api(api, files):
     assert config["drives"][0]["path_on_host"] == str(files / "data.img")
     for body, words in [({"drive_id": "nope", "path_on_host": str(files / "data.img")},
                          "does not match"),
-                        ({"drive_id": "rootfs", "path_on_host": "/nonexistent"}, "No such"),
+                        ({"drive_id": "rootfs", "path_on_host": "/nonexistent"}, "does not exist"),
                         ({"drive_id": "rootfs", "is_read_only": True}, "unknown field")]:
         _, fault = api.call("PATCH", "/drives/rootfs", body, 400)
         assert words in fault["fault_message"]

@@ -51,7 +51,7 @@ def test_run_defaults_are_unchanged(files):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["run", "--kernel", "{d}/vmlinux", "--disk", "{d}/nope.img"], "No such file"),
+    (["run", "--kernel", "{d}/vmlinux", "--disk", "{d}/nope.img"], "does not exist"),
     (["run", "--kernel", "{d}/vmlinux", "--disk", "{d}/root.img,fast"], "unknown option"),
     (["run", "--kernel", "{d}/vmlinux", "--net", "tap0"], "bad option"),
     (["run", "--kernel", "{d}/vmlinux", "--net", "tap=tap0,mac=xx"], "not a MAC"),
@@ -61,7 +61,7 @@ def test_run_defaults_are_unchanged(files):
     (["run", "--config-file", "{d}/missing.json"], "cannot read config file"),
     (["run", "--config-file", "{d}/bad.json"], "not valid JSON"),
     (["run", "--config-file", "{d}/vm.json", "--no-api", "--api-sock", "{d}/s"], "contradict"),
-    (["run", "--kernel", "{d}/vmlinux", "--console", "tty"], "bad console"),
+    (["run", "--kernel", "{d}/vmlinux", "--console", "tty"], "bad --console"),
     (["run", "--kernel", "{d}/vmlinux", "--id", "not valid!"], "instance id"),
     (["api"], "--api-sock"),
     (["api", "--api-sock", "{d}/no/such/dir/api.sock"], "No such file"),

@@ -88,7 +88,7 @@ def test_the_conversion_to_vm_config(files):
     (lambda c: c["network-interfaces"][0].update(host_dev_name=""), "not a valid interface"),
     (lambda c: c["vsock"].update(guest_cid=True), "must be an integer"),
     (lambda c: c["logger"].update(level="Verbose"), "not one of"),
-    (lambda c: c["boot-source"].update(kernel_image_path="/no/such"), "No such file"),
+    (lambda c: c["boot-source"].update(kernel_image_path="/no/such"), "does not exist"),
 ])
 def test_bad_config_files_are_refused_with_the_field_named(files, change, words):
     config = full_config(files)

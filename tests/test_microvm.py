@@ -78,9 +78,9 @@ def test_the_built_in_guest_is_the_default_kernel(monkeypatch, tmp_path, echo_ke
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"vcpus": 0}, "out of range"), ({"mem_mib": 4}, "out of range"),
-    ({"vcpus": "2"}, "must be an integer"), ({"drives": ["/nonexistent"]}, "No such file"),
+    ({"vcpus": "2"}, "must be an integer"), ({"drives": ["/nonexistent"]}, "does not exist"),
     ({"drives": ["{disk},rw"]}, "unknown option"), ({"nets": ["tap0"]}, "bad option"),
-    ({"cmdline": "a", "boot_args": "b"}, "not both"), ({"console": "tty"}, "bad console"),
+    ({"cmdline": "a", "boot_args": "b"}, "not both"), ({"console": "tty"}, "bad --console"),
     ({"vm_id": "a b"}, "instance id"),
 ])
 def test_bad_keyword_arguments_are_refused_clearly(tmp_path, echo_kernel, kwargs, words):
