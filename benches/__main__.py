@@ -14,7 +14,15 @@ from types import ModuleType
 # name -> module; add new benchmarks here.
 BENCHMARKS: dict[str, str] = {
     "exits": "benches.exits",
+    "boot": "benches.boot",
+    "startup": "benches.startup",
+    "memory": "benches.memory",
+    "blk-model": "benches.blk_model",
+    "blk": "benches.blk",
+    "net": "benches.net",
 }
+# Benchmarks that boot Linux (minutes each on KVM PVM); --quick skips them.
+SLOW = {"boot", "blk", "net"}
 
 
 def load(name: str) -> ModuleType:
@@ -26,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="name",
                         help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--reps", type=int, default=7, help="repetitions per variant (default 7)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"skip the benchmarks that boot Linux ({', '.join(sorted(SLOW))})")
     modules = {name: load(name) for name in BENCHMARKS}
     for module in modules.values():
         module.add_arguments(parser)
@@ -33,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; have {', '.join(BENCHMARKS)}")
-    for name in args.names or list(BENCHMARKS):
+    names = args.names or [n for n in BENCHMARKS if not (args.quick and n in SLOW)]
+    for name in names:
         print(f"== {name}", flush=True)
         modules[name].main(args)
     return 0

@@ -1,0 +1,393 @@
+"""Running pyvmm and QEMU side by side: command lines, timing, guests, netns.
+
+Both VMMs are child processes started the same way (subprocess.Popen, stdin a
+pipe left open, stdout a pipe), and every "exec -> X" figure is the same
+measurement for both: time.perf_counter() just before Popen, to the moment the
+parent reads X on the child's stdout (the guest's serial console).
+
+QEMU is Debian's qemu-system-x86 (installed with apt-get when missing), run as
+`-M microvm` with the settings in qemu_settings(); each one is recorded in the
+results because some exist only to get QEMU through KVM PVM.
+"""
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from benches import harness
+from pyvmm.kvm.system import is_pvm_host
+
+QEMU = "qemu-system-x86_64"
+INIT_MARKER = b"PYVMM-INIT-OK"
+BENCHES = harness.BENCHES_DIR
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PYVMM_CACHE", str(Path.home() / ".cache" / "pyvmm"))
+    path = Path(root) / "benches"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- QEMU ------------------------------------------------------------------------
+
+def ensure_qemu() -> dict[str, str]:
+    """qemu-system-x86_64, installed from Debian with apt-get if missing."""
+    if shutil.which(QEMU) is None:
+        print(f"{QEMU} not found: apt-get install qemu-system-x86", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                        "qemu-system-x86"], check=True, env=env)
+    version = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[0]
+    return {"binary": shutil.which(QEMU) or QEMU, "version": version}
+
+
+# (argument, why): every QEMU setting, recorded with the results.
+QEMU_SETTINGS_COMMON: list[tuple[str, str]] = [
+    ("-enable-kvm", "KVM, like pyvmm"),
+    ("-M microvm,x-option-roms=off,rtc=off,acpi=off",
+     "QEMU's microVM machine; no option ROMs (qboot loads the kernel), no RTC; no ACPI "
+     "(the guest kernel has none, so QEMU puts virtio_mmio.device= on the command line "
+     "itself, auto-kernel-cmdline)"),
+    ("-nodefaults -no-user-config -nographic", "no default devices or config files, no display"),
+    ("-serial stdio", "the guest's ttyS0 on QEMU's stdout, where the marker is read"),
+    ("-device i8042", "so that the guest's reboot=k ends QEMU (with -no-reboot)"),
+    ("-no-reboot", "a guest reboot exits QEMU, as it exits pyvmm"),
+]
+QEMU_SETTINGS_PVM: list[tuple[str, str]] = [
+    ("-cpu host,-arch-capabilities,-cx16",
+     "KVM PVM: QEMU cannot set the ARCH_CAPABILITIES MSR and PVM cannot emulate cmpxchg16b"),
+]
+
+
+def qemu_settings(pvm: bool | None = None) -> list[tuple[str, str]]:
+    pvm = is_pvm_host() if pvm is None else pvm
+    cpu = QEMU_SETTINGS_PVM if pvm else [("-cpu host", "the host's CPU, like pyvmm")]
+    return QEMU_SETTINGS_COMMON[:1] + cpu + QEMU_SETTINGS_COMMON[1:]
+
+
+def qemu_argv(kernel: Path, initrd: Path | None, cmdline: str | None, mem_mib: int,
+              cpus: int = 1, disks: Sequence[Path] = (), taps: Sequence[tuple[str, str]] = (),
+              pvm: bool | None = None) -> list[str]:
+    argv = [QEMU]
+    for setting, _ in qemu_settings(pvm):
+        argv += setting.split()
+    argv += ["-m", str(mem_mib), "-smp", str(cpus), "-kernel", str(kernel)]
+    if initrd is not None:
+        argv += ["-initrd", str(initrd)]
+    if cmdline is not None:
+        argv += ["-append", cmdline]
+    for i, disk in enumerate(disks):
+        argv += ["-drive", f"id=d{i},file={disk},format=raw,if=none,cache=none,aio=threads",
+                 "-device", f"virtio-blk-device,drive=d{i}"]
+    for i, (tap, mac) in enumerate(taps):
+        argv += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=n{i},mac={mac}"]
+    return argv
+
+
+# -- pyvmm -----------------------------------------------------------------------
+
+def pyvmm_command() -> list[str]:
+    """How pyvmm is started: this interpreter, not the `pyvmm` pyenv shim (a bash
+    script that would add ~50 ms of its own to every start-up figure)."""
+    return [sys.executable, "-m", "pyvmm"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment VMM children run with: this one, except that Python may
+    cache bytecode, in our own directory (PYTHONPYCACHEPREFIX) rather than in the
+    source tree.  Without it (PYTHONDONTWRITEBYTECODE=1 is set on some of our
+    machines) every pyvmm start compiles ~35 modules from source, ~100 ms that a
+    real installation never pays.  QEMU ignores these variables."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(cache_dir() / "pycache")
+    return env
+
+
+def warm_bytecode() -> None:
+    """Compile pyvmm (and what it imports) into the bytecode cache once."""
+    import pyvmm
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(pyvmm.__file__).parent)],
+                   env=child_env(), check=False, capture_output=True)
+    subprocess.run(pyvmm_command() + ["--help"], env=child_env(), capture_output=True)
+
+
+def pyvmm_argv(kernel: Path | None, initrd: Path | None, cmdline: str | None, mem_mib: int,
+               cpus: int = 1, disks: Sequence[Path] = (), taps: Sequence[tuple[str, str]] = (),
+               stats: bool = True, console: str = "stdio") -> list[str]:
+    argv = pyvmm_command() + ["run", "--mem", str(mem_mib), "--cpus", str(cpus),
+                              "--console", console]
+    if kernel is not None:
+        argv += ["--kernel", str(kernel)]
+    if initrd is not None:
+        argv += ["--initrd", str(initrd)]
+    if cmdline:
+        argv += ["--cmdline", cmdline]
+    for disk in disks:
+        argv += ["--disk", str(disk)]
+    for tap, mac in taps:
+        argv += ["--net", f"tap={tap},mac={mac}"]
+    if stats:
+        argv.append("--stats")
+    return argv
+
+
+def pyvmm_full_cmdline(kernel: Path, initrd: Path | None, extra: str, mem_mib: int) -> str:
+    """The whole kernel command line `pyvmm run --cmdline extra` boots with (no
+    virtio devices): pyvmm's defaults, its PVM parameters, then `extra`."""
+    from pyvmm.vmm import LinuxVm, VmConfig
+    with LinuxVm(VmConfig(kernel=kernel, initrd=initrd, cmdline=extra, mem_mib=mem_mib,
+                          console="none")) as vm:
+        return vm.cmdline
+
+
+def builtin_guest():
+    from pyvmm import firmware
+    guest = firmware.find_guest()
+    if guest is None:
+        print("building the built-in guest (pyvmm guest build; minutes)...", flush=True)
+        guest = firmware.ensure_guest(progress=True)
+    return guest
+
+
+# -- running a VMM and watching its console ----------------------------------------
+
+@dataclass
+class Run:
+    argv: list[str]
+    markers: dict[str, float | None]        # marker -> seconds from spawn, or None
+    exited: float | None = None             # seconds from spawn to exit, if it exited
+    returncode: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    pid: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+class Vmm:
+    """A VMM child process whose stdout is read as it comes, time-stamping markers."""
+
+    def __init__(self, argv: list[str], markers: Sequence[bytes], env: dict | None = None,
+                 stderr_to_file: bool = True) -> None:
+        self.argv = argv
+        self.wanted = list(markers)
+        self.seen: dict[bytes, float] = {}
+        self.out = bytearray()
+        self.err_path = None
+        err = subprocess.PIPE
+        if stderr_to_file:
+            import tempfile
+            self._err = tempfile.TemporaryFile()
+            err = self._err
+        env = child_env() if env is None else env
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=err, env=env, start_new_session=True)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.eof = False
+
+    def _pump(self, timeout: float) -> None:
+        if self.eof:
+            time.sleep(min(timeout, 0.05))
+            return
+        for _key, _ in self.sel.select(timeout):
+            data = os.read(self.proc.stdout.fileno(), 65536)
+            now = time.perf_counter()
+            if not data:
+                self.eof = True
+                self.sel.unregister(self.proc.stdout)
+                return
+            start = max(0, len(self.out) - 64)
+            self.out += data
+            for marker in self.wanted:
+                if marker not in self.seen and marker in self.out[start:]:
+                    self.seen[marker] = now - self.t0
+
+    def wait_marker(self, marker: bytes, timeout: float) -> float | None:
+        deadline = time.perf_counter() + timeout
+        while marker not in self.seen and time.perf_counter() < deadline:
+            if self.eof and self.proc.poll() is not None:
+                break
+            self._pump(min(0.5, max(0.0, deadline - time.perf_counter())))
+        return self.seen.get(marker)
+
+    def wait_exit(self, timeout: float) -> float | None:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                t = time.perf_counter() - self.t0
+                while not self.eof:
+                    self._pump(0.2)
+                return t
+            self._pump(min(0.5, max(0.0, deadline - time.perf_counter())))
+        return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def finish(self) -> Run:
+        self.kill()
+        while not self.eof:
+            self._pump(0.2)
+        err = b""
+        if hasattr(self, "_err"):
+            self._err.seek(0)
+            err = self._err.read()
+            self._err.close()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        return Run(self.argv, {m.decode(): self.seen.get(m) for m in self.wanted},
+                   returncode=self.proc.returncode, stdout=bytes(self.out), stderr=err,
+                   pid=self.proc.pid)
+
+
+def run_to_exit(argv: list[str], markers: Sequence[bytes], timeout: float,
+                env: dict | None = None) -> Run:
+    """Spawn, time the markers, wait for the VMM to exit by itself (or kill it at timeout)."""
+    vmm = Vmm(argv, markers, env=env)
+    exited = vmm.wait_exit(timeout)
+    run = vmm.finish()
+    run.exited = exited
+    return run
+
+
+def pyvmm_stats(stderr: bytes) -> dict | None:
+    """The --stats JSON pyvmm prints on stderr at exit."""
+    import json
+    text = stderr.decode(errors="replace")
+    start = text.find("{\n")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            try:
+                return json.loads(text[start:i + 1])
+            except ValueError:
+                return None
+    return None
+
+
+# -- guests ------------------------------------------------------------------------
+
+def tiny_pvh_guest() -> Path:
+    """benches/tiny_guest.S as a PVH ELF of ~200 bytes: at its 32-bit entry it
+    writes 'X\\n' to COM1 and halts with interrupts off.  Built with as/ld, then
+    cut after the last segment (no section headers)."""
+    src, script = BENCHES / "tiny_guest.S", BENCHES / "tiny_guest.ld"
+    import hashlib
+    key = hashlib.sha256(src.read_bytes() + script.read_bytes()).hexdigest()[:16]
+    out = cache_dir() / f"tiny-pvh-{key}.elf"
+    if out.exists():
+        return out
+    obj, elf = out.with_suffix(".o"), out.with_suffix(".full")
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-s", "--build-id=none", "-T", str(script),
+                    "-o", str(elf), str(obj)], check=True)
+    data = bytearray(elf.read_bytes())
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+    end = 0
+    for i in range(phnum):
+        p_offset, = struct.unpack_from("<Q", data, phoff + 56 * i + 8)
+        p_filesz, = struct.unpack_from("<Q", data, phoff + 56 * i + 32)
+        end = max(end, p_offset + p_filesz)
+    struct.pack_into("<Q", data, 40, 0)                 # e_shoff
+    struct.pack_into("<HHH", data, 58, 64, 0, 0)        # e_shentsize, e_shnum, e_shstrndx
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(data[:end]))
+    tmp.replace(out)
+    obj.unlink()
+    elf.unlink()
+    return out
+
+
+def cpio_newc(files: Sequence[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data), with its trailer."""
+    def entry(ino: int, name: str, mode: int, data: bytes) -> bytes:
+        nb = name.encode() + b"\0"
+        hdr = "070701" + "".join("%08X" % v for v in (
+            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0))
+        return hdr.encode() + nb + b"\0" * (-(110 + len(nb)) % 4) + data + \
+            b"\0" * (-len(data) % 4)
+    parts = [entry(1000 + i, n, m, d) for i, (n, m, d) in enumerate(files)]
+    parts.append(entry(0, "TRAILER!!!", 0, b""))
+    return b"".join(parts)
+
+
+def guest_tool() -> Path:
+    """benches/guest_tool.c, static, for the built-in guest."""
+    return harness.compile_c(BENCHES / "guest_tool.c", ["-static"])
+
+
+def initramfs_with_tool(base: Path) -> Path:
+    """The built-in initramfs with a second newc archive appended holding
+    /bin/benchtool (Linux unpacks concatenated archives in order)."""
+    tool = guest_tool()
+    out = cache_dir() / f"initramfs-bench-{os.stat(base).st_mtime_ns:x}-{tool.name}.cpio"
+    if not out.exists():
+        blob = base.read_bytes()
+        blob += b"\0" * (-len(blob) % 4)
+        blob += cpio_newc([("bin/benchtool", 0o100755, tool.read_bytes())])
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(out)
+    return out
+
+
+def parse_results(console: str) -> dict[str, dict[str, float]]:
+    """Lines `BENCH name key=value ...` printed by the guest tool."""
+    results: dict[str, dict[str, float]] = {}
+    for match in re.finditer(r"^BENCH (\S+)((?: \S+=\S+)+)\s*$", console, re.M):
+        fields = dict(kv.split("=", 1) for kv in match.group(2).split())
+        results[match.group(1)] = {k: float(v) for k, v in fields.items()}
+    return results
+
+
+# -- network namespace ------------------------------------------------------------
+
+class NetNs:
+    """A network namespace of our own with a TAP device; all traffic stays in it."""
+    HOST_IP, GUEST_IP, PREFIX = "172.31.250.1", "172.31.250.2", 24
+
+    def __init__(self, name: str, tap: str = "tapb0") -> None:
+        self.name, self.tap = name, tap
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        cmds = [["ip", "netns", "add", name]]
+        cmds += [["ip", "netns", "exec", name, *c] for c in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "tuntap", "add", tap, "mode", "tap"],
+            ["ip", "addr", "add", f"{self.HOST_IP}/{self.PREFIX}", "dev", tap],
+            ["ip", "link", "set", tap, "up"])]
+        for cmd in cmds:
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
