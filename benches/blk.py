@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blk-rand-seconds", type=float, default=10.0,
                        help="seconds of 4 KiB random reads (default 10)")
     group.add_argument("--blk-disk-mib", type=int, default=64, help="image size (default 64)")
+    group.add_argument("--io-timeout", type=float, default=TIMEOUT,
+                       help=f"seconds before a blk/net VM is killed (default {TIMEOUT:.0f})")
 
 
 def disk_image(mib: int) -> Path:
@@ -68,14 +70,15 @@ def drop_cache(path: Path) -> None:
 
 
 def run_io_guest(vmm: str, guest, initrd: Path, cmd: str, full_cmdline: str,
-                 disks=(), taps=(), wrap=lambda argv: argv, last: bytes = b"") -> dict[str, Any]:
+                 disks=(), taps=(), wrap=lambda argv: argv, last: bytes = b"",
+                 timeout: float = TIMEOUT) -> dict[str, Any]:
     """Boot the built-in guest running `cmd` under one VMM; parse its BENCH lines."""
     if vmm == "pyvmm":
         argv = vmms.pyvmm_argv(guest.vmlinux, initrd, cmd, MEM_MIB, disks=disks, taps=taps)
     else:
         argv = vmms.qemu_argv(guest.vmlinux, initrd, full_cmdline, MEM_MIB, disks=disks,
                               taps=taps)
-    run = vmms.run_to_exit(wrap(argv), [vmms.INIT_MARKER, last], TIMEOUT)
+    run = vmms.run_to_exit(wrap(argv), [vmms.INIT_MARKER, last], timeout)
     console = run.text()
     result: dict[str, Any] = {"results": vmms.parse_results(console),
                               "boot_s": run.markers[vmms.INIT_MARKER.decode()],
@@ -127,7 +130,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for vmm in harness.rotated(VMMS, rep):
             drop_cache(image)
             sample = run_io_guest(vmm, guest, initrd, cmd, full, disks=[image],
-                                  last=b"BENCH randread")
+                                  last=b"BENCH randread", timeout=args.io_timeout)
             samples[vmm].append(sample)
             print(f"  rep {rep + 1} {vmm:6s} boot {sample['boot_s']} s  "
                   f"{sample['results'] or sample.get('console_tail', '')[-1500:]}", flush=True)

@@ -23,7 +23,7 @@ import subprocess
 import time
 from typing import Any
 
-from benches import blk, harness, vmms
+from benches import blk, harness
 from benches.harness import Stats
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.blk import Block, T_IN, T_OUT

@@ -100,7 +100,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     sample = blk.run_io_guest(vmm, guest, initrd, cmd, full,
                                               taps=[(ns.tap, MAC)], wrap=ns.wrap,
-                                              last=b"BENCH tx")
+                                              last=b"BENCH tx", timeout=args.io_timeout)
+                    if "tx" not in sample["results"]:
+                        peer.kill()             # the guest never got there: don't wait
                     out, _ = peer.communicate(timeout=60)
                 except BaseException:
                     peer.kill()
