@@ -1,4 +1,4 @@
-"""MicroVM: a Linux microVM's whole life from Python.
+r"""MicroVM: a Linux microVM's whole life from Python.
 
     from pyvmm.microvm import MicroVM
 
