@@ -95,7 +95,8 @@ def run_io_guest(vmm: str, guest, initrd: Path, cmd: str, full_cmdline: str,
     return result
 
 
-def summarize(samples: dict[str, list[dict]], metrics) -> tuple[dict, list[list[str]]]:
+def summarize(samples: dict[str, list[dict]], metrics,
+              fmt: str = ".1f") -> tuple[dict, list[list[str]]]:
     summary: dict[str, Any] = {}
     rows = []
     for name, unit, label in metrics:
@@ -107,7 +108,7 @@ def summarize(samples: dict[str, list[dict]], metrics) -> tuple[dict, list[list[
         entry = {v: Stats.of(vals[v]) if vals[v] else None for v in VMMS}
         entry["ratio"] = Stats.of([a / b for a, b in pairs]) if pairs else None
         summary[name] = entry
-        rows.append([label] + [entry[v].format(".1f") if entry[v] else "failed" for v in VMMS]
+        rows.append([label] + [entry[v].format(fmt) if entry[v] else "failed" for v in VMMS]
                     + [entry["ratio"].format(".2f") if entry["ratio"] else "-", f">= {GOAL}"])
     return summary, rows
 

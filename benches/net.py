@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       f"{sample.get('peer')}", flush=True)
     finally:
         ns.delete()
-    summary, rows = blk.summarize(samples, METRICS)
+    summary, rows = blk.summarize(samples, METRICS, fmt=".3f")
     print()
     print(harness.format_table(["virtio-net", "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
     data = {"benchmark": "net", "machine": facts, "qemu": qemu,

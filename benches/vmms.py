@@ -68,7 +68,7 @@ QEMU_SETTINGS_COMMON: list[tuple[str, str]] = [
 ]
 QEMU_SETTINGS_PVM: list[tuple[str, str]] = [
     ("-cpu host,-arch-capabilities,-cx16",
-     "KVM PVM: QEMU cannot set the ARCH_CAPABILITIES MSR and PVM cannot emulate cmpxchg16b"),
+     "KVM PVM: without ARCH_CAPABILITIES and CX16 offered, as QEMU needs on PVM (issue 6)"),
 ]
 
 
