@@ -23,5 +23,9 @@ def run_in_shell(vm: LinuxVm, command: str, timeout: float = 120) -> str:
     assert console.wait_for(lambda _: done.search(console.since(start)) is not None, timeout), \
         f"command {command!r} did not finish; console:\n{console.since(start)!r}"
     out = console.since(start).decode(errors="replace")
-    body = out.split("\n", 1)[1] if "\n" in out else ""
-    return body[:body.rfind(tag)]
+    # The typed line may be echoed more than once (by the tty before the shell
+    # takes over, then by the shell): the output starts after the last echo.
+    echoed = out.rfind(f"{tag}-$?")
+    body = out[out.find("\n", echoed) + 1:] if echoed >= 0 else out
+    end = done.search(body.encode())
+    return body[:end.start()] if end else body
