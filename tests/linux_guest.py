@@ -13,19 +13,19 @@ BOOT_TIMEOUT = float(os.environ.get("PYVMM_BOOT_TIMEOUT", 1200))
 
 
 def run_in_shell(vm: LinuxVm, command: str, timeout: float = 120) -> str:
-    """Type a command at the guest shell; return what it printed."""
-    tag = f"END{abs(hash(command)) % 10**6}"
+    """Type a command at the guest shell; return what it printed.
+
+    The shell prints computed markers around the output ("B$((0))TAG" is typed,
+    "B0TAG" printed), so the echo of the typed line, however often the tty and
+    the shell echo it and however the line editor wraps it, never matches.
+    """
+    tag = f"T{abs(hash(command)) % 10**8}"
     console = vm.console
     start = console.total
-    vm.send(f"{command}; echo {tag}-$?\n".encode())
-    done = re.compile(rf"{tag}-(\d+)".encode())
-    # The echo of the typed line contains "{tag}-$?", never "{tag}-<digits>".
-    assert console.wait_for(lambda _: done.search(console.since(start)) is not None, timeout), \
+    vm.send(f"echo B$((0)){tag}; {command}; echo {tag}-$?\n".encode())
+    pattern = re.compile(rf"B0{tag}\r?\n(.*?){tag}-(\d+)".encode(), re.S)
+    assert console.wait_for(lambda _: pattern.search(console.since(start)) is not None,
+                            timeout), \
         f"command {command!r} did not finish; console:\n{console.since(start)!r}"
-    out = console.since(start).decode(errors="replace")
-    # The typed line may be echoed more than once (by the tty before the shell
-    # takes over, then by the shell): the output starts after the last echo.
-    echoed = out.rfind(f"{tag}-$?")
-    body = out[out.find("\n", echoed) + 1:] if echoed >= 0 else out
-    end = done.search(body.encode())
-    return body[:end.start()] if end else body
+    match = pattern.search(console.since(start))
+    return match.group(1).decode(errors="replace")
