@@ -352,6 +352,20 @@ def test_net_waits_for_buffers_then_delivers(memory):
     assert rx.used() == [(head, len(frame))]
     assert memory.read(rx.data + 12, 5) == b"hello"
 
+def test_net_frame_short_of_buffers_waits_whole_instead_of_dropping(memory):
+    device, t, rx, tx, host = make_net(memory)
+    frame = bytes(12) + os.urandom(3000)                 # needs two 2 KiB buffers
+    host.send(frame)
+    first = rx.submit([(rx.data, 2048, True)])
+    t.notify(0)                                 # one buffer: not enough, nothing is used
+    assert rx.used() == [] and device.stats["rx_dropped"] == 0
+    second = rx.submit([(rx.data + 0x1000, 2048, True)])
+    t.notify(0)
+    assert rx.used() == [(first, 2048), (second, len(frame) - 2048)]
+    got = memory.read(rx.data, 2048) + memory.read(rx.data + 0x1000, len(frame) - 2048)
+    assert got[12:] == frame[12:] and int.from_bytes(got[10:12], "little") == 2
+
+
 
 def test_net_rejects_readable_rx_buffers(memory):
     device, t, rx, tx, host = make_net(memory)

@@ -24,7 +24,9 @@ RX, TX = 0, 1
 QUEUE_SIZE = 256
 VNET_HDR_SIZE = 12                       # struct virtio_net_hdr_v1 (5.1.6)
 NUM_BUFFERS_OFFSET = 10
-MAX_PACKET = 65536 + VNET_HDR_SIZE       # the largest GSO frame plus its header
+# The largest frame either side may hand over: a 64 KiB GSO packet with its
+# Ethernet and VLAN headers, plus the vnet header (Firecracker's MAX_BUFFER_SIZE).
+MAX_PACKET = 65562
 
 # Feature bits (5.1.3)
 F_CSUM, F_GUEST_CSUM, F_MAC = 0, 1, 5
@@ -206,7 +208,12 @@ class Net(VirtioDevice):
         while offset < len(packet):
             chain = queue.pop()
             if chain is None:
-                # Out of buffers mid-frame: the frame is dropped, the chains returned empty.
+                if len(used) < queue.size:
+                    # Out of buffers mid-frame: give them back untouched and wait for
+                    # the guest to add more (the bytes copied so far get rewritten).
+                    queue.unpop(len(used))
+                    return False
+                # The whole ring cannot hold this frame: drop it, return the chains empty.
                 for taken, _ in used:
                     queue.push_used(taken.head, 0)
                 self.stats["rx_dropped"] += 1

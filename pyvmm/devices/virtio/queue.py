@@ -121,11 +121,20 @@ class Virtqueue:
         slot = self.next_avail % self.size
         head = _u16(mem, self.avail_addr + RING_HEADER + 2 * slot)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
+        self._publish_avail_event()
+        return Chain(head, tuple(self._walk(head)))
+
+    def unpop(self, count: int) -> None:
+        """Give back the last `count` chains popped and not yet used, so that a
+        device short of buffers can retry them later (QEMU's virtqueue_unpop)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+        self._publish_avail_event()
+
+    def _publish_avail_event(self) -> None:
         if self.event_idx:
             # 2.7.10: tell the driver which avail index to notify us at.
-            mem.write_int(self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size, 2,
-                          self.next_avail)
-        return Chain(head, tuple(self._walk(head)))
+            self._mem().write_int(self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size, 2,
+                                  self.next_avail)
 
     def _read_desc(self, table: int, count: int, index: int) -> tuple[int, int, int, int]:
         if index >= count:
