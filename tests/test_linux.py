@@ -11,22 +11,16 @@ import time
 import pytest
 
 from linux_guest import BOOT_TIMEOUT, INIT_MARKER, run_in_shell
-from pyvmm.kvm.system import is_pvm_host
 from pyvmm.vmm import LinuxVm, VmConfig
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
-# On KVM PVM hosts a multi-vCPU Linux guest hangs at "x86: Booting SMP
-# configuration" (under QEMU too): the AP reaches 64-bit kernel code and then
-# both CPUs spin.  AP start-up itself works there (test_exits.py), the cause
-# is not found yet, so the shared VM has 1 vCPU on PVM and the SMP check is an
-# explicit expected failure, reported in every run's summary.
-VCPUS = 1 if is_pvm_host() else 2
+VCPUS = 2
 
 
 @pytest.fixture(scope="module")
 def shell_vm(guest):
-    """The PVH vmlinux (2 vCPUs where SMP works), at an interactive shell."""
+    """The PVH vmlinux with 2 vCPUs, at an interactive shell."""
     vm = LinuxVm(VmConfig(kernel=guest.vmlinux, initrd=guest.initramfs, vcpus=VCPUS,
                           mem_mib=256, console="none"))
     started = time.monotonic()
@@ -47,10 +41,14 @@ def test_pvh_boot_reaches_init(shell_vm):
 
 
 def test_the_guest_sees_its_cpus(shell_vm):
+    # Both CPUs online, and both take interrupts (each has a timer line in
+    # /proc/interrupts with a non-zero count): the AP really runs.
     assert run_in_shell(shell_vm, "grep -c ^processor /proc/cpuinfo").split()[0] == str(VCPUS)
-    if is_pvm_host():
-        pytest.xfail("SMP Linux guests hang at AP bring-up on KVM PVM hosts (QEMU too); "
-                     "2 vCPUs are only checked on hardware KVM")
+    out = run_in_shell(shell_vm, "cat /sys/devices/system/cpu/online; grep LOC: /proc/interrupts")
+    online, loc = out.split("\n", 1)
+    assert online.strip() == f"0-{VCPUS - 1}"
+    counts = [int(n) for n in loc.split()[1:1 + VCPUS]]
+    assert all(n > 0 for n in counts), loc
 
 
 def test_commands_typed_on_the_serial_console_run(shell_vm):

@@ -95,3 +95,33 @@ def test_cpuid_gives_each_vcpu_its_apic_id_and_the_cpu_count():
             assert leaf1["ecx"] & (1 << 31)                  # hypervisor present
         hidden = next(e for e in build_cpuid(supported, 0, 1, True) if e["function"] == 1)
         assert not hidden["ecx"] & ((1 << 13) | (1 << 23) | (1 << 26))   # CX16 POPCNT XSAVE
+
+
+def test_hypercall_features_are_hidden_from_the_guest_where_hypercalls_hang():
+    # On KVM PVM a VMCALL/VMMCALL never returns, so the guest must not be
+    # offered the paravirt features that depend on one (PV IPIs hung SMP
+    # Linux at AP bring-up).  Checked where it counts: the CPUID the guest's
+    # ring 0 actually sees.
+    from pyvmm.boot import cpu
+    hypercall_features = (cpu.KVM_FEATURE_PV_SEND_IPI | cpu.KVM_FEATURE_PV_UNHALT
+                          | cpu.KVM_FEATURE_PV_SCHED_YIELD)
+    code = assemble(f"""
+        mov ${cpu.KVM_CPUID_FEATURES}, %eax
+        xor %ecx, %ecx
+        cpuid
+        mov %eax, %r12d
+        mov $0xf4, %dx
+        out %al, %dx
+    """, Mode.LONG_RING0)
+    seen = {}
+    for hide in (False, True):
+        with TinyVm(Mode.LONG_RING0) as vm:
+            supported = vm.machine.kvm.supported_cpuid()
+            vm.machine.vcpus[0].set_cpuid(build_cpuid(supported, 0, 1, hide))
+            vm.load(code)
+            outcome = vm.run()
+            assert outcome.kind == OutcomeKind.DEVICE_STOP, outcome.describe()
+            seen[hide] = outcome.regs["r12"]
+    offered = next(e["eax"] for e in supported if e["function"] == cpu.KVM_CPUID_FEATURES)
+    assert seen[False] & hypercall_features == offered & hypercall_features
+    assert seen[True] & hypercall_features == 0

@@ -59,6 +59,11 @@ APIC_MODE_NMI, APIC_MODE_EXTINT = 0x4, 0x7
 # CPUID bits (SDM vol. 2A, CPUID).
 CPUID_1_ECX_HYPERVISOR = 1 << 31
 CPUID_1_EDX_HTT = 1 << 28
+# KVM's paravirt leaf (Documentation/virt/kvm/x86/cpuid.rst).
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_PV_UNHALT = 1 << 7        # spinlock kick: KVM_HC_KICK_CPU
+KVM_FEATURE_PV_SEND_IPI = 1 << 11     # KVM_HC_SEND_IPI
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13  # KVM_HC_SCHED_YIELD
 # Features whose ring-0 instructions KVM PVM fails to emulate; hidden from the
 # guest where CPUID filtering takes effect (partly, on PVM: see pvm.py).
 PVM_HIDDEN = {
@@ -67,6 +72,13 @@ PVM_HIDDEN = {
     (7, "ebx"): (1 << 0) | (1 << 10) | (1 << 18) | (1 << 20),
     # FSGSBASE, INVPCID, RDSEED, SMAP
     (7, "ecx"): (1 << 22),             # RDPID
+    # KVM paravirt features that work by hypercall.  On KVM PVM a guest's
+    # VMCALL/VMMCALL never returns (a tiny guest sits on it with no exit, any
+    # hypercall number): with PV IPIs an SMP Linux hangs at its first
+    # cross-CPU call, right after "x86: Booting SMP configuration".  Linux
+    # falls back to APIC IPIs, native spinlocks and plain yields.
+    (KVM_CPUID_FEATURES, "eax"): KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI
+    | KVM_FEATURE_PV_SCHED_YIELD,
 }
 
 
