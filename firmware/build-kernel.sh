@@ -2,7 +2,8 @@
 # Build the pyvmm guest kernel from Debian's linux-source-6.1.
 #
 # usage: build-kernel.sh OUTDIR
-#   OUTDIR receives bzImage, vmlinux (ELF with the PVH note) and config.
+#   OUTDIR receives bzImage, vmlinux (ELF with the PVH note), config and
+#   System.map.
 #   WORKDIR (env) is where the source is unpacked; default: a fresh temp dir,
 #   removed afterwards unless KEEP_WORK=1.
 #
@@ -78,4 +79,6 @@ cp arch/x86/boot/bzImage "$out/bzImage"
 # vmlinux keeps its PT_NOTE (PVH entry point); drop only the symbol table.
 objcopy --strip-all vmlinux "$out/vmlinux"
 cp .config "$out/config"
+# Symbols for the stripped vmlinux: to name a guest RIP when debugging.
+cp System.map "$out/System.map"
 step "done: $(ls -l "$out/bzImage" | awk '{print $5}') byte bzImage, $(ls -l "$out/vmlinux" | awk '{print $5}') byte vmlinux in $out"

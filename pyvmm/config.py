@@ -37,7 +37,7 @@ DEFAULT_MEM_MIB = 128
 # The command line Firecracker uses when boot_args is not given (minus its
 # `8250.nr_uarts=0`, which would take our serial console away).
 DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux "
-                     "i8042.nopnp")
+                     "i8042.nopnp i8042.dumbkbd")
 ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 MAX_TAP_NAME = 15          # IFNAMSIZ - 1

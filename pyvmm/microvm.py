@@ -495,12 +495,7 @@ class MicroVM:
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
-            vm = self._linux_vm(started=True)
-            send = getattr(vm, "send_ctrl_alt_del", None)
-            if send is None:
-                raise MicroVMError("SendCtrlAltDel is not supported yet: the i8042 model has "
-                                   "no keyboard to send it through")
-            send()
+            self._linux_vm(started=True).send_ctrl_alt_del()
 
     def update_drive(self, drive_id: str, path_on_host: str | None) -> None:
         """PATCH /drives/{id} after boot: a new backing file for the same drive."""

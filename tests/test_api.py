@@ -57,6 +57,7 @@ class FakeLinuxVm:
     def send(self, data): self.sent += data
     def close(self): self.calls.append("close")
     def update_drive(self, drive_id, path): self.drives[drive_id] = path
+    def send_ctrl_alt_del(self): self.calls.append("ctrl-alt-del")
 
     def wait(self, timeout=None):
         return FakeResult() if self._done.wait(timeout) else None
@@ -406,8 +407,8 @@ def test_lifecycle_through_the_api(api, files):
         assert words in fault["fault_message"]
     _, fault = api.call("PATCH", "/drives/ghost", {"drive_id": "ghost"}, 400)
     assert "does not exist" in fault["fault_message"]
-    _, fault = api.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, 400)
-    assert "not supported yet" in fault["fault_message"]
+    api.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, 204)
+    assert fake.calls[-1] == "ctrl-alt-del"
     api.call("PUT", "/actions", {"action_type": "FlushMetrics"}, 204)
     line = json.loads(metrics.read_text().splitlines()[-1])
     assert line["vmm"]["state"] == "Running"

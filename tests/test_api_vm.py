@@ -251,7 +251,7 @@ def test_socket_ready_time(tmp_path, processes, record_property):
 # -- the one Linux boot --------------------------------------------------------------------------
 
 @pytest.mark.linux
-def test_linux_through_the_api_configure_start_pause_resume_reboot(tmp_path, processes):
+def test_linux_through_the_api_configure_start_pause_resume_ctrl_alt_del(tmp_path, processes):
     guest = firmware.find_guest()
     if guest is None:
         pytest.fail("the built-in guest is not built: run `pyvmm guest build` (.ci/run does)")
@@ -259,10 +259,7 @@ def test_linux_through_the_api_configure_start_pause_resume_reboot(tmp_path, pro
     config = {"boot-source": {"kernel_image_path": str(guest.vmlinux),
                               "initrd_path": str(guest.initramfs),
                               "boot_args": DEFAULT_BOOT_ARGS},
-              # One vCPU: on this KVM PVM host the built-in guest currently stops at
-              # "x86: Booting SMP configuration" with two (LinuxVm alike, reported);
-              # pausing several vCPUs is covered by the echo-guest tests.
-              "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
+              "machine-config": {"vcpu_count": 2, "mem_size_mib": 256}}
     sock = tmp_path / "api.sock"
     metrics = tmp_path / "metrics.ndjson"
     proc = Process("api", "--api-sock", str(sock))
@@ -302,7 +299,10 @@ def test_linux_through_the_api_configure_start_pause_resume_reboot(tmp_path, pro
         line = json.loads(metrics.read_text().splitlines()[-1])
         assert sum(sum(v["exits"].values()) for v in line["vcpus"]) > 0
         assert line["devices"]["serial"]["tx_bytes"] > 0
-        proc.write(b"exit\n")                     # the shell ends and /init reboots
+        # Ctrl-Alt-Del on the i8042 keyboard: the kernel signals /init, which
+        # syncs and reboots, and the VMM process ends with status 0.
+        api.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, 204)
+        proc.expect(b"pyvmm-init: Ctrl-Alt-Del", 300, at)
         assert proc.wait(300) == 0, proc.stderr()
     assert not sock.exists()
 
