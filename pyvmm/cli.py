@@ -82,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
     build = guest_sub.add_parser("build", help="build it unless cached (minutes)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs")
+    guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs, system_map")
     return parser
 
 
@@ -215,7 +215,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
         if found is None:
             raise PyvmmError("the built-in guest is not built yet: run `pyvmm guest build`")
         paths = found
-    print(f"bzimage={paths.bzimage}\nvmlinux={paths.vmlinux}\ninitramfs={paths.initramfs}")
+    print(f"bzimage={paths.bzimage}\nvmlinux={paths.vmlinux}\ninitramfs={paths.initramfs}\n"
+          f"system_map={paths.system_map}")
     return 0
 
 

@@ -35,10 +35,12 @@ class GuestPaths:
     bzimage: Path  # compressed kernel, Linux/x86 boot protocol
     vmlinux: Path  # uncompressed ELF with the PVH entry note
     initramfs: Path  # uncompressed newc cpio
+    system_map: Path  # the kernel's symbols, to name a guest RIP (vmlinux is stripped)
 
     @classmethod
     def in_dir(cls, directory: Path) -> GuestPaths:
-        return cls(directory / "bzImage", directory / "vmlinux", directory / "initramfs.cpio")
+        return cls(directory / "bzImage", directory / "vmlinux", directory / "initramfs.cpio",
+                   directory / "System.map")
 
     def exist(self) -> bool:
         return all(p.is_file() for p in (self.bzimage, self.vmlinux, self.initramfs))

@@ -69,7 +69,8 @@ def test_the_built_in_guest_is_the_default_kernel(monkeypatch, tmp_path, echo_ke
     monkeypatch.setattr(firmware, "find_guest", lambda: None)
     with pytest.raises(MicroVMError, match="pyvmm guest build"):
         MicroVM()
-    paths = firmware.GuestPaths(tmp_path / "bz", tmp_path / "echo.elf", tmp_path / "echo.elf")
+    paths = firmware.GuestPaths(tmp_path / "bz", tmp_path / "echo.elf", tmp_path / "echo.elf",
+                                tmp_path / "System.map")
     monkeypatch.setattr(firmware, "find_guest", lambda: paths)
     with MicroVM() as vm:
         boot = vm.config_json()["boot-source"]
