@@ -9,7 +9,7 @@ NEEDS_RESET instead of serving a request it cannot trust.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import lib
@@ -26,21 +26,22 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 RING_HEADER = 4
 USED_ELEM_SIZE = 8                    # le32 id, le32 len
 MAX_CHAIN_BYTES = 1 << 32             # a chain's total length must fit the used ring's le32
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 
 class QueueError(PyvmmError):
     """The driver broke a virtqueue rule; the device must be reset."""
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     addr: int
     length: int
     writable: bool
 
 
-@dataclass(frozen=True)
-class Chain:
+class Chain(NamedTuple):
     """One request: its head index and its buffers in order."""
     head: int
     descriptors: tuple[Descriptor, ...]
@@ -54,12 +55,13 @@ class Chain:
         return [d for d in self.descriptors if d.writable]
 
 
-def _u16(memory: GuestMemory, addr: int) -> int:
-    return int.from_bytes(memory.read(addr, 2), "little")
-
-
 class Virtqueue:
-    """Device side of one split virtqueue."""
+    """Device side of one split virtqueue.
+
+    The three rings are checked against guest RAM once, at activation, and
+    then used through memoryviews of exactly their size: every access after
+    that is an unpack_from/pack_into at an offset inside a checked view, with
+    no per-access walk of the memory map (the hot path of every request)."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -77,6 +79,8 @@ class Virtqueue:
         self.indirect = False         # VIRTIO_RING_F_INDIRECT_DESC negotiated
         self.memory: GuestMemory | None = None
         self._signalled_used: int | None = None
+        self._desc = self._avail = self._used = memoryview(b"")
+        self._avail_event_at = self._used_event_at = 0
 
     # -- set-up ------------------------------------------------------------------
 
@@ -85,12 +89,17 @@ class Virtqueue:
         size = self.size
         if size == 0 or size > self.max_size or size & (size - 1):
             raise QueueError(f"queue size {size} is not a power of two up to {self.max_size}")
+        rings = []
         for name, addr, length, align in (
                 ("descriptor table", self.desc_addr, DESC_SIZE * size, 16),
                 ("available ring", self.avail_addr, RING_HEADER + 2 * size + 2, 2),
                 ("used ring", self.used_addr, RING_HEADER + USED_ELEM_SIZE * size + 2, 4)):
             if addr % align or not memory.contains(addr, length):
                 raise QueueError(f"the {name} at {addr:#x} is misaligned or outside guest RAM")
+            rings.append(memory.view(addr, length))
+        self._desc, self._avail, self._used = rings
+        self._used_event_at = RING_HEADER + 2 * size         # in the avail ring (2.7.10)
+        self._avail_event_at = RING_HEADER + USED_ELEM_SIZE * size   # in the used ring
         self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
@@ -103,14 +112,14 @@ class Virtqueue:
         return self.memory
 
     def avail_idx(self) -> int:
-        return _u16(self._mem(), self.avail_addr + 2)
+        self._mem()
+        return _U16.unpack_from(self._avail, 2)[0]
 
     def has_available(self) -> bool:
         return self.avail_idx() != self.next_avail
 
     def pop(self) -> Chain | None:
         """The next available chain, or None.  Raises QueueError on a bad ring."""
-        mem = self._mem()
         avail = self.avail_idx()
         pending = (avail - self.next_avail) & 0xFFFF
         if pending == 0:
@@ -118,8 +127,8 @@ class Virtqueue:
         if pending > self.size:
             raise QueueError(f"avail->idx {avail} is {pending} ahead of us on a "
                              f"{self.size}-entry ring")
-        slot = self.next_avail % self.size
-        head = _u16(mem, self.avail_addr + RING_HEADER + 2 * slot)
+        slot = self.next_avail & (self.size - 1)
+        head = _U16.unpack_from(self._avail, RING_HEADER + 2 * slot)[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._publish_avail_event()
         return Chain(head, tuple(self._walk(head)))
@@ -133,17 +142,11 @@ class Virtqueue:
     def _publish_avail_event(self) -> None:
         if self.event_idx:
             # 2.7.10: tell the driver which avail index to notify us at.
-            self._mem().write_int(self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size, 2,
-                                  self.next_avail)
-
-    def _read_desc(self, table: int, count: int, index: int) -> tuple[int, int, int, int]:
-        if index >= count:
-            raise QueueError(f"descriptor index {index} is outside a {count}-entry table")
-        return struct.unpack("<QIHH", self._mem().read(table + DESC_SIZE * index, DESC_SIZE))
+            _U16.pack_into(self._used, self._avail_event_at, self.next_avail)
 
     def _walk(self, head: int) -> list[Descriptor]:
         mem = self._mem()
-        table, count = self.desc_addr, self.size
+        table, count = self._desc, self.size
         index, seen, total = head, 0, 0
         out: list[Descriptor] = []
         in_indirect = False
@@ -152,7 +155,9 @@ class Virtqueue:
             seen += 1
             if seen > count:
                 raise QueueError("descriptor chain is longer than its table: a loop")
-            addr, length, flags, nxt = self._read_desc(table, count, index)
+            if index >= count:
+                raise QueueError(f"descriptor index {index} is outside a {count}-entry table")
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect or in_indirect or out:
                     raise QueueError("indirect descriptor where none is allowed")
@@ -162,7 +167,8 @@ class Virtqueue:
                     raise QueueError(f"indirect table length {length} is not a multiple of 16")
                 if not mem.contains(addr, length):
                     raise QueueError(f"indirect table at {addr:#x}+{length} is outside guest RAM")
-                table, count, index, seen, in_indirect = addr, length // DESC_SIZE, 0, 0, True
+                table, count = mem.view(addr, length), length // DESC_SIZE
+                index, seen, in_indirect = 0, 0, True
                 continue
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if saw_writable and not writable:
@@ -182,21 +188,21 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Return a chain to the driver, `written` bytes filled in."""
-        mem = self._mem()
-        slot = self.next_used % self.size
-        mem.write_struct(self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot, "<II", head,
-                         written & 0xFFFFFFFF)
+        self._mem()
+        slot = self.next_used & (self.size - 1)
+        _USED_ELEM.pack_into(self._used, RING_HEADER + USED_ELEM_SIZE * slot, head,
+                             written & 0xFFFFFFFF)
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order: the element is visible before the index.
-        mem.write_int(self.used_addr + 2, 2, self.next_used)
+        _U16.pack_into(self._used, 2, self.next_used)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what we just used (2.7.7, 2.7.10)."""
-        mem = self._mem()
+        self._mem()
         lib.pv_mb()           # our used->idx store must be visible before we read its flags
         if not self.event_idx:
-            return not _u16(mem, self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
-        used_event = _u16(mem, self.avail_addr + RING_HEADER + 2 * self.size)
+            return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        used_event = _U16.unpack_from(self._avail, self._used_event_at)[0]
         old, new = self._signalled_used, self.next_used
         self._signalled_used = new
         if old is None:
