@@ -75,12 +75,12 @@ def test_bzimage_boot_from_the_cli_runs_a_command_and_exits_zero(guest):
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pyvmm", "run", "--kernel", str(guest.bzimage), "--initrd",
-         str(guest.initramfs), "--mem", "192M", "--console", "stdio", "--stats",
-         "--cmdline", 'pyvmm.cmd="echo bz-$((40+2))"'],
+         str(guest.initramfs), "--mem", "192M", "--cpus", "2", "--console", "stdio", "--stats",
+         "--cmdline", 'pyvmm.cmd="echo bz-$((40+2)) cpus-$(nproc)"'],
         capture_output=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.decode()}\n{out[-3000:]}"
     assert INIT_MARKER.decode() in out
-    assert "bz-42" in out and "PYVMM-CMD-EXIT=0" in out
+    assert "bz-42 cpus-2" in out and "PYVMM-CMD-EXIT=0" in out
     assert '"serial"' in proc.stderr.decode()          # --stats printed the counters
     print(f"\nbzImage: exec to exit in {time.monotonic() - started:.1f} s")
