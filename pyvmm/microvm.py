@@ -4,7 +4,7 @@ r"""MicroVM: a Linux microVM's whole life from Python.
 
     with MicroVM(mem_mib=256) as vm:                      # the built-in guest, 1 vCPU
         vm.start()
-        vm.serial.expect("PYVMM-INIT-OK", timeout=600)    # ~90 s on KVM PVM hosts
+        vm.serial.expect("PYVMM-INIT-OK", timeout=600)    # ~1 min on KVM PVM hosts
         vm.serial.write("echo $((6 * 7)) && uname -r\n")
         print(vm.serial.expect(rb"\n(\d+\.\d+\.\d+)", timeout=60).group(1).decode())
         vm.pause(); vm.resume()                          # every vCPU stops, then goes on

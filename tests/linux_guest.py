@@ -7,7 +7,7 @@ import re
 from pyvmm.vmm import LinuxVm
 
 INIT_MARKER = b"PYVMM-INIT-OK"
-# KVM PVM: ~90 s to /init on an idle machine, several minutes on a loaded one;
+# KVM PVM: ~45-60 s to /init on an idle machine, several minutes on a loaded one;
 # hardware KVM: well under a second.
 BOOT_TIMEOUT = float(os.environ.get("PYVMM_BOOT_TIMEOUT", 1200))
 

@@ -4,7 +4,7 @@ The tiny echo guest (test_microvm.py) makes the lifecycle fast: configure,
 InstanceStart, serial through the process's stdin/stdout, pause (the guest
 stops echoing), resume, and a guest-side reset that ends the process with 0.
 
-One test boots Linux (about 90 s on KVM PVM hosts): the built-in guest,
+One test boots Linux (about a minute on KVM PVM hosts): the built-in guest,
 configured and started through `pyvmm api`.  It is configured by replaying,
 PUT by PUT, the same JSON that test_the_config_file_* hands to `pyvmm run
 --config-file`; that config-file path is checked here on the echo guest, not
@@ -34,7 +34,7 @@ from test_microvm import write_echo_guest
 
 pytestmark = pytest.mark.kvm
 
-# PVM: ~90 s to /init alone, many minutes on a loaded host; hardware KVM: under a second.
+# PVM: ~45-60 s to /init alone, many minutes on a loaded host; hardware KVM: under a second.
 # The same knob as tests/linux_guest.py.
 LINUX_BOOT_TIMEOUT = float(os.environ.get("PYVMM_BOOT_TIMEOUT", 1200))
 

@@ -1,5 +1,5 @@
 """A real Linux guest, booted by pyvmm: the built-in guest, as PVH vmlinux and
-as bzImage.  On KVM PVM hosts a boot takes about 90 s, so one booted VM is
+as bzImage.  On KVM PVM hosts a boot takes about a minute, so one booted VM is
 shared by the checks that can honestly share it.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """virtio-blk, virtio-net and virtio-rng against a real Linux guest booted by
-pyvmm.  One VM carries every device (a boot costs ~90 s on KVM PVM hosts);
+pyvmm.  One VM carries every device (a boot costs about a minute on KVM PVM hosts);
 the host checks what the guest did after it has shut down.
 """
 from __future__ import annotations
