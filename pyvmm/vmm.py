@@ -104,7 +104,7 @@ class VmResult:
     """How the VM ended: exit_code 0 means the guest rebooted or was asked to stop."""
     exit_code: int
     reason: str
-    outcome: Outcome | None
+    outcome: Outcome | None = field(repr=False)     # every register: too long for a repr
 
 
 class LinuxVm:
