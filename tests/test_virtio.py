@@ -359,6 +359,9 @@ def test_net_frame_short_of_buffers_waits_whole_instead_of_dropping(memory):
     first = rx.submit([(rx.data, 2048, True)])
     t.notify(0)                                 # one buffer: not enough, nothing is used
     assert rx.used() == [] and device.stats["rx_dropped"] == 0
+    # EVENT_IDX: the driver must still be asked to kick when it adds a buffer.
+    avail_event = memory.read_int(rx.layout.used + 4 + 8 * rx.size, 2)
+    assert avail_event == rx.avail_idx
     second = rx.submit([(rx.data + 0x1000, 2048, True)])
     t.notify(0)
     assert rx.used() == [(first, 2048), (second, len(frame) - 2048)]

@@ -135,9 +135,14 @@ class Virtqueue:
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` chains popped and not yet used, so that a
-        device short of buffers can retry them later (QEMU's virtqueue_unpop)."""
+        device short of buffers can retry them later (QEMU's virtqueue_unpop).
+
+        avail_event is left where the pops put it, at the driver's index: a
+        device that gives chains back is waiting for more, so the driver must
+        kick on its next addition.  Rewinding avail_event as well would ask
+        for a kick at an index the driver has already passed: none would come.
+        """
         self.next_avail = (self.next_avail - count) & 0xFFFF
-        self._publish_avail_event()
 
     def _publish_avail_event(self) -> None:
         if self.event_idx:
