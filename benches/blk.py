@@ -138,18 +138,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary, rows = summarize(samples, METRICS)
     print()
     print(harness.format_table(["virtio-blk", "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
-    data = {"benchmark": "blk", "machine": facts, "qemu": qemu,
-            "qemu_settings": vmms.qemu_settings(facts["pvm"]) + [
-                ("-drive file=IMG,format=raw,if=none,cache=none,aio=threads "
-                 "-device virtio-blk-device", "the disk; cache=none is O_DIRECT on the host")],
-            "params": {"reps": args.io_reps, "mem_mib": MEM_MIB, "image": str(image),
-                       "image_mib": args.blk_disk_mib, "seq_mib": args.blk_seq_mib,
-                       "rand_seconds": args.blk_rand_seconds, "initrd": str(initrd),
-                       "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
-            "goal": f"pyvmm >= {GOAL}x QEMU on each", "summary": summary, "samples": samples}
-    path = harness.write_json("blk", data)
-    print(f"wrote {path}")
-    return data
+    return vmms.write_comparison(
+        "blk", facts, qemu,
+        params={"reps": args.io_reps, "mem_mib": MEM_MIB, "image": str(image),
+                "image_mib": args.blk_disk_mib, "seq_mib": args.blk_seq_mib,
+                "rand_seconds": args.blk_rand_seconds, "initrd": str(initrd),
+                "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
+        goal=f"pyvmm >= {GOAL}x QEMU on each", summary=summary,
+        extra_qemu_settings=[("-drive file=IMG,format=raw,if=none,cache=none,aio=threads "
+                              "-device virtio-blk-device",
+                              "the disk; cache=none is O_DIRECT on the host")],
+        samples=samples)
 
 
 if __name__ == "__main__":

@@ -116,16 +116,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 "pyvmm timer start->init s", "ratio pyvmm/QEMU"], rows))
     print(f"goal: pyvmm <= {GOAL}x QEMU exec->marker; the ratio is per repetition "
           "(pyvmm and QEMU boots of the same repetition run back to back)")
-    data = {"benchmark": "boot", "machine": facts, "qemu": qemu,
-            "qemu_settings": vmms.qemu_settings(facts["pvm"]),
-            "params": {"reps": args.boot_reps, "mem_mib": mem, "cpus": 1, "cmdline": cmdline,
-                       "kernel_pvh": str(guest.vmlinux), "kernel_bzimage": str(guest.bzimage),
-                       "initrd": str(guest.initramfs), "pyvmm": vmms.pyvmm_command(),
-                       "variants": variants},
-            "goal": f"pyvmm <= {GOAL}x QEMU", "summary": summary, "samples": samples}
-    path = harness.write_json("boot", data)
-    print(f"wrote {path}")
-    return data
+    return vmms.write_comparison(
+        "boot", facts, qemu,
+        params={"reps": args.boot_reps, "mem_mib": mem, "cpus": 1, "cmdline": cmdline,
+                "kernel_pvh": str(guest.vmlinux), "kernel_bzimage": str(guest.bzimage),
+                "initrd": str(guest.initramfs), "pyvmm": vmms.pyvmm_command(),
+                "variants": variants},
+        goal=f"pyvmm <= {GOAL}x QEMU", summary=summary, samples=samples)
 
 
 if __name__ == "__main__":

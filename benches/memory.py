@@ -116,15 +116,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                rows))
     print(f"goal: pyvmm's overhead <= {GOAL}x QEMU's; issue 6 quotes QEMU at ~33.5 MiB RSS "
           "of its own")
-    data = {"benchmark": "memory", "machine": facts, "qemu": qemu,
-            "qemu_settings": vmms.qemu_settings(facts["pvm"]),
-            "params": {"reps": args.memory_reps, "settle_s": args.memory_settle,
-                       "sizes_mib": SIZES_MIB, "tiny_guest": str(tiny),
-                       "pyvmm": vmms.pyvmm_command()},
-            "goal": f"pyvmm overhead <= {GOAL}x QEMU", "summary": summary, "samples": samples}
-    path = harness.write_json("memory", data)
-    print(f"wrote {path}")
-    return data
+    return vmms.write_comparison(
+        "memory", facts, qemu,
+        params={"reps": args.memory_reps, "settle_s": args.memory_settle,
+                "sizes_mib": SIZES_MIB, "tiny_guest": str(tiny), "pyvmm": vmms.pyvmm_command()},
+        goal=f"pyvmm overhead <= {GOAL}x QEMU", summary=summary, samples=samples)
 
 
 if __name__ == "__main__":

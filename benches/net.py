@@ -125,18 +125,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary, rows = blk.summarize(samples, METRICS, fmt=".3f")
     print()
     print(harness.format_table(["virtio-net", "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
-    data = {"benchmark": "net", "machine": facts, "qemu": qemu,
-            "qemu_settings": vmms.qemu_settings(facts["pvm"]) + [
-                ("-netdev tap,ifname=TAP,script=no,downscript=no -device virtio-net-device",
-                 "the TAP in our namespace; QEMU's userspace virtio-net (no vhost)")],
-            "params": {"reps": args.io_reps, "mem_mib": blk.MEM_MIB, "mib": args.net_mib,
-                       "seconds": args.net_seconds, "initrd": str(initrd),
-                       "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
-            "goal": f"pyvmm >= {blk.GOAL}x QEMU each way", "summary": summary,
-            "samples": samples}
-    path = harness.write_json("net", data)
-    print(f"wrote {path}")
-    return data
+    return vmms.write_comparison(
+        "net", facts, qemu,
+        params={"reps": args.io_reps, "mem_mib": blk.MEM_MIB, "mib": args.net_mib,
+                "seconds": args.net_seconds, "initrd": str(initrd),
+                "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
+        goal=f"pyvmm >= {blk.GOAL}x QEMU each way", summary=summary,
+        extra_qemu_settings=[("-netdev tap,ifname=TAP,script=no,downscript=no "
+                              "-device virtio-net-device",
+                              "the TAP in our namespace; QEMU's userspace virtio-net (no vhost)")],
+        samples=samples)
 
 
 if __name__ == "__main__":

@@ -133,15 +133,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                rows))
     print(f"ratios are per repetition (the variants of a repetition run back to back); "
           f"issue 6 quotes QEMU at {QEMU_REFERENCE_MS} ms on its machines")
-    data = {"benchmark": "startup", "machine": facts, "qemu": qemu,
-            "qemu_settings": vmms.qemu_settings(facts["pvm"]),
-            "params": {"reps": args.startup_reps, "mem_mib": MEM_MIB, "tiny_guest": str(tiny),
-                       "tiny_guest_bytes": tiny.stat().st_size, "pyvmm": vmms.pyvmm_command()},
-            "goal": f"pyvmm <= {GOAL}x QEMU, exec -> first guest output",
-            "summary": summary, "samples_ms": samples, "errors": errors}
-    path = harness.write_json("startup", data)
-    print(f"wrote {path}")
-    return data
+    return vmms.write_comparison(
+        "startup", facts, qemu,
+        params={"reps": args.startup_reps, "mem_mib": MEM_MIB, "tiny_guest": str(tiny),
+                "tiny_guest_bytes": tiny.stat().st_size, "pyvmm": vmms.pyvmm_command()},
+        goal=f"pyvmm <= {GOAL}x QEMU, exec -> first guest output", summary=summary,
+        samples_ms=samples, errors=errors)
 
 
 if __name__ == "__main__":

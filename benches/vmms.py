@@ -72,6 +72,18 @@ QEMU_SETTINGS_PVM: list[tuple[str, str]] = [
 ]
 
 
+def write_comparison(name: str, facts: dict, qemu: str, params: dict, goal: str, summary: dict,
+                     extra_qemu_settings: Sequence[tuple[str, str]] = (), **fields) -> dict:
+    """The JSON record of a pyvmm-against-QEMU benchmark: machine facts, QEMU's
+    version and every setting with its reason, then the benchmark's own
+    fields (samples...); written to benches/results/<name>.json and returned."""
+    data = {"benchmark": name, "machine": facts, "qemu": qemu,
+            "qemu_settings": qemu_settings(facts["pvm"]) + list(extra_qemu_settings),
+            "params": params, "goal": goal, "summary": summary, **fields}
+    print(f"wrote {harness.write_json(name, data)}")
+    return data
+
+
 def qemu_settings(pvm: bool | None = None) -> list[tuple[str, str]]:
     pvm = is_pvm_host() if pvm is None else pvm
     cpu = QEMU_SETTINGS_PVM if pvm else [("-cpu host", "the host's CPU, like pyvmm")]
