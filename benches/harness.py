@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pyvmm.kvm.system import is_pvm_host
+from pyvmm.pvm import is_pvm_host
 
 BENCHES_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHES_DIR / "results"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benches import harness
-from pyvmm.kvm.system import is_pvm_host
+from pyvmm.pvm import is_pvm_host
 
 QEMU = "qemu-system-x86_64"
 INIT_MARKER = b"PYVMM-INIT-OK"
@@ -168,11 +168,11 @@ def pyvmm_full_cmdline(kernel: Path, initrd: Path | None, extra: str, mem_mib: i
 
 
 def builtin_guest():
-    from pyvmm import firmware
-    guest = firmware.find_guest()
+    from pyvmm import builtin_guest
+    guest = builtin_guest.find_guest()
     if guest is None:
         print("building the built-in guest (pyvmm guest build; minutes)...", flush=True)
-        guest = firmware.ensure_guest(progress=True)
+        guest = builtin_guest.ensure_guest(progress=True)
     return guest
 
 

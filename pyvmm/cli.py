@@ -87,8 +87,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _default_guest(build: bool):
-    from pyvmm import firmware
-    return firmware.ensure_guest(progress=True) if build else firmware.find_guest()
+    from pyvmm import builtin_guest
+    return builtin_guest.ensure_guest(progress=True) if build else builtin_guest.find_guest()
 
 
 VM_FLAGS = ("kernel", "initrd", "cmdline", "mem", "cpus", "disk", "net", "rng", "bzimage")
@@ -206,12 +206,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
-    from pyvmm import firmware
+    from pyvmm import builtin_guest
     if args.guest_command == "build":
-        paths = firmware.build_guest(progress=True) if args.force else \
-            firmware.ensure_guest(progress=True)
+        paths = builtin_guest.build_guest(progress=True) if args.force else \
+            builtin_guest.ensure_guest(progress=True)
     else:
-        found = firmware.find_guest()
+        found = builtin_guest.find_guest()
         if found is None:
             raise PyvmmError("the built-in guest is not built yet: run `pyvmm guest build`")
         paths = found

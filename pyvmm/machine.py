@@ -23,13 +23,8 @@ from typing import Any, Callable, Protocol
 
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Kvm, Outcome, OutcomeKind, VcpuFd, VmFd, ffi, lib
+from pyvmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
 from pyvmm.memory import GuestMemory, x86_layout
-
-# Intel VMX needs three pages for its real-mode TSS and one for an identity
-# page table, somewhere outside RAM and MMIO (api.rst 4.48 and 4.43); these
-# are Firecracker's and QEMU's choices, just under the BIOS area at 4 GiB.
-KVM_TSS_ADDRESS = 0xFFFB_D000
-KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 
 class Bus(enum.IntEnum):

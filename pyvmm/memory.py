@@ -13,17 +13,8 @@ import struct
 from dataclasses import dataclass, field
 
 from pyvmm.errors import PyvmmError
+from pyvmm.layout import GiB, KiB, MiB, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE  # noqa: F401
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-PAGE_SIZE = 4 * KiB
-
-# x86 layout (the Firecracker/QEMU microvm convention): RAM from 0 up to the
-# 32-bit MMIO gap, which holds the LAPIC (0xfee00000), IOAPIC (0xfec00000) and
-# our virtio-mmio windows; RAM beyond that continues above 4 GiB.
-MMIO_GAP_START = 3 * GiB
-MMIO_GAP_END = 4 * GiB
 MIN_MEM_SIZE = 1 * MiB
 MAX_MEM_SIZE = 1 << 46          # far beyond any guest we run; a bound for bad config
 
@@ -49,7 +40,8 @@ class Region:
 
 
 def x86_layout(mem_size: int) -> list[tuple[int, int]]:
-    """(gpa, size) of each RAM region for mem_size bytes of guest RAM."""
+    """(gpa, size) of each RAM region for mem_size bytes of guest RAM: below the
+    MMIO gap, then above 4 GiB (pyvmm.layout)."""
     if mem_size < MIN_MEM_SIZE or mem_size > MAX_MEM_SIZE or mem_size % PAGE_SIZE:
         raise GuestMemoryError(
             f"guest memory size {mem_size} is invalid: use a multiple of 4 KiB between "

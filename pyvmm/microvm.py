@@ -286,8 +286,8 @@ class MicroVM:
         guest's output also goes: none (default), stdio or file:PATH."""
         if spec is None:
             if kernel is None:
-                from pyvmm import firmware
-                guest = firmware.find_guest()
+                from pyvmm import builtin_guest
+                guest = builtin_guest.find_guest()
                 if guest is None:
                     raise MicroVMError("the built-in guest is not built yet: run "
                                        "`pyvmm guest build`, or pass kernel=")

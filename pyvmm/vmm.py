@@ -21,7 +21,7 @@ from pyvmm.boot.pvm import PVM_CMDLINE, PvmFixups
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.i8042 import I8042, I8042_DATA_PORT, I8042_PORTS, KEYBOARD_IRQ
 from pyvmm.devices.iothread import IoThread
-from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
+from pyvmm.devices.uart import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
 from pyvmm.devices.virtio.blk import Block
 from pyvmm.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, \
     eventfd_irq

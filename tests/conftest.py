@@ -37,8 +37,8 @@ def _require_kvm(request: pytest.FixtureRequest, kvm_problem: str | None) -> Non
 @pytest.fixture(scope="session")
 def guest():
     """The built-in guest's kernel and initramfs (built by `pyvmm guest build`)."""
-    from pyvmm import firmware
-    found = firmware.find_guest()
+    from pyvmm import builtin_guest
+    found = builtin_guest.find_guest()
     if found is None:
         pytest.fail("the built-in guest is not built: run `pyvmm guest build` (.ci/run does)")
     return found

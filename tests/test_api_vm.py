@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm import firmware
+from pyvmm import builtin_guest
 from pyvmm.api.client import ApiClient
 from pyvmm.config import DEFAULT_BOOT_ARGS
 from test_api import check_response
@@ -252,7 +252,7 @@ def test_socket_ready_time(tmp_path, processes, record_property):
 
 @pytest.mark.linux
 def test_linux_through_the_api_configure_start_pause_resume_ctrl_alt_del(tmp_path, processes):
-    guest = firmware.find_guest()
+    guest = builtin_guest.find_guest()
     if guest is None:
         pytest.fail("the built-in guest is not built: run `pyvmm guest build` (.ci/run does)")
     # The JSON a config file would hold (see the module docstring).

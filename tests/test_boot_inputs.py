@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from images import make_bzimage, make_elf
 from pyvmm.boot.bzimage import parse_bzimage
 from pyvmm.boot.errors import BootError
-from pyvmm.boot.layout import CMDLINE_START, HIMEM_START, ZERO_PAGE_START
+from pyvmm.layout import CMDLINE_START, HIMEM_START, ZERO_PAGE_START
 from pyvmm.boot.loader import load_linux
 from pyvmm.boot.mptable import build_mptable
 from pyvmm.boot.pvh import parse_pvh_elf

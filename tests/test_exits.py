@@ -8,7 +8,7 @@ import pytest
 
 from pyvmm.devices.debug import Scratch
 from pyvmm.kvm import OutcomeKind
-from pyvmm.kvm.system import is_pvm_host
+from pyvmm.pvm import is_pvm_host
 from pyvmm.machine import Bus, MachineError, StopVcpu
 from pyvmm.testbed import DEBUG_EXIT_MMIO, TEST_MMIO_BASE, Mode, TinyVm, assemble
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from pyvmm.kvm import Kvm, KvmUnavailable, MissingCapability, system
+from pyvmm.kvm import Kvm, KvmUnavailable, MissingCapability
+from pyvmm.pvm import is_pvm_host
 
 
 def test_missing_device_says_what_to_do(tmp_path):
@@ -44,7 +45,7 @@ def test_kvm_opens_and_reports_the_host():
     with Kvm() as kvm:
         assert kvm.vcpu_mmap_size >= 4096
         assert kvm.max_vcpus >= 1
-        assert kvm.pvm == system.is_pvm_host()
+        assert kvm.pvm == is_pvm_host()
         leaves = {entry["function"] for entry in kvm.supported_cpuid()}
         assert 0 in leaves and 1 in leaves
         assert kvm.msr_index_list()

@@ -65,13 +65,13 @@ def test_kwargs_and_config_json_build_the_same_model(tmp_path, echo_kernel):
 
 
 def test_the_built_in_guest_is_the_default_kernel(monkeypatch, tmp_path, echo_kernel):
-    from pyvmm import firmware
-    monkeypatch.setattr(firmware, "find_guest", lambda: None)
+    from pyvmm import builtin_guest
+    monkeypatch.setattr(builtin_guest, "find_guest", lambda: None)
     with pytest.raises(MicroVMError, match="pyvmm guest build"):
         MicroVM()
-    paths = firmware.GuestPaths(tmp_path / "bz", tmp_path / "echo.elf", tmp_path / "echo.elf",
+    paths = builtin_guest.GuestPaths(tmp_path / "bz", tmp_path / "echo.elf", tmp_path / "echo.elf",
                                 tmp_path / "System.map")
-    monkeypatch.setattr(firmware, "find_guest", lambda: paths)
+    monkeypatch.setattr(builtin_guest, "find_guest", lambda: paths)
     with MicroVM() as vm:
         boot = vm.config_json()["boot-source"]
         assert boot["kernel_image_path"] == boot["initrd_path"] == echo_kernel

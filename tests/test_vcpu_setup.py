@@ -5,9 +5,9 @@ import pytest
 
 from pyvmm.boot.cpu import BOOT_MSRS, build_cpuid, setup_vcpus
 from pyvmm.boot.cpu import EntryState
-from pyvmm.boot.pvm import PvmFixups, translate
+from pyvmm.pvm import PvmFixups, translate
 from pyvmm.kvm import OutcomeKind
-from pyvmm.kvm.system import is_pvm_host
+from pyvmm.pvm import is_pvm_host
 from pyvmm.machine import Machine
 from pyvmm.testbed import PML4_ADDR, Mode, TinyVm, assemble
 
@@ -102,11 +102,11 @@ def test_hypercall_features_are_hidden_from_the_guest_where_hypercalls_hang():
     # offered the paravirt features that depend on one (PV IPIs hung SMP
     # Linux at AP bring-up).  Checked where it counts: the CPUID the guest's
     # ring 0 actually sees.
-    from pyvmm.boot import cpu
-    hypercall_features = (cpu.KVM_FEATURE_PV_SEND_IPI | cpu.KVM_FEATURE_PV_UNHALT
-                          | cpu.KVM_FEATURE_PV_SCHED_YIELD)
+    from pyvmm import pvm
+    hypercall_features = (pvm.KVM_FEATURE_PV_SEND_IPI | pvm.KVM_FEATURE_PV_UNHALT
+                          | pvm.KVM_FEATURE_PV_SCHED_YIELD)
     code = assemble(f"""
-        mov ${cpu.KVM_CPUID_FEATURES}, %eax
+        mov ${pvm.KVM_CPUID_FEATURES}, %eax
         xor %ecx, %ecx
         cpuid
         mov %eax, %r12d
@@ -122,6 +122,6 @@ def test_hypercall_features_are_hidden_from_the_guest_where_hypercalls_hang():
             outcome = vm.run()
             assert outcome.kind == OutcomeKind.DEVICE_STOP, outcome.describe()
             seen[hide] = outcome.regs["r12"]
-    offered = next(e["eax"] for e in supported if e["function"] == cpu.KVM_CPUID_FEATURES)
+    offered = next(e["eax"] for e in supported if e["function"] == pvm.KVM_CPUID_FEATURES)
     assert seen[False] & hypercall_features == offered & hypercall_features
     assert seen[True] & hypercall_features == 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyvmm import pvm
 from pyvmm.boot.errors import BootError
-from pyvmm.boot.layout import (BOOT_STACK_POINTER, GDT_START, PDE_START, PDPTE_START,
+from pyvmm.layout import (BOOT_STACK_POINTER, GDT_START, PDE_START, PDPTE_START,
                                PML4_START, PVH_INFO_START, ZERO_PAGE_START)
 from pyvmm.kvm import Kvm, KvmError, VcpuFd, ffi
 from pyvmm.memory import GuestMemory
@@ -59,27 +60,6 @@ APIC_MODE_NMI, APIC_MODE_EXTINT = 0x4, 0x7
 # CPUID bits (SDM vol. 2A, CPUID).
 CPUID_1_ECX_HYPERVISOR = 1 << 31
 CPUID_1_EDX_HTT = 1 << 28
-# KVM's paravirt leaf (Documentation/virt/kvm/x86/cpuid.rst).
-KVM_CPUID_FEATURES = 0x40000001
-KVM_FEATURE_PV_UNHALT = 1 << 7        # spinlock kick: KVM_HC_KICK_CPU
-KVM_FEATURE_PV_SEND_IPI = 1 << 11     # KVM_HC_SEND_IPI
-KVM_FEATURE_PV_SCHED_YIELD = 1 << 13  # KVM_HC_SCHED_YIELD
-# Features whose ring-0 instructions KVM PVM fails to emulate; hidden from the
-# guest where CPUID filtering takes effect (partly, on PVM: see pvm.py).
-PVM_HIDDEN = {
-    (1, "ecx"): (1 << 13) | (1 << 23) | (1 << 26) | (1 << 27) | (1 << 30) | (1 << 17),
-    # CX16, POPCNT, XSAVE, OSXSAVE, RDRAND, PCID
-    (7, "ebx"): (1 << 0) | (1 << 10) | (1 << 18) | (1 << 20),
-    # FSGSBASE, INVPCID, RDSEED, SMAP
-    (7, "ecx"): (1 << 22),             # RDPID
-    # KVM paravirt features that work by hypercall.  On KVM PVM a guest's
-    # VMCALL/VMMCALL never returns (a tiny guest sits on it with no exit, any
-    # hypercall number): with PV IPIs an SMP Linux hangs at its first
-    # cross-CPU call, right after "x86: Booting SMP configuration".  Linux
-    # falls back to APIC IPIs, native spinlocks and plain yields.
-    (KVM_CPUID_FEATURES, "eax"): KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI
-    | KVM_FEATURE_PV_SCHED_YIELD,
-}
 
 
 @dataclass(frozen=True)
@@ -105,8 +85,7 @@ def build_cpuid(supported: list[dict[str, int]], index: int, num_cpus: int,
         elif fn in (0xB, 0x1F):
             e["edx"] = index                           # x2APIC ID
         if hide_pvm_features:
-            for reg in ("eax", "ebx", "ecx", "edx"):
-                e[reg] &= ~PVM_HIDDEN.get((fn, reg), 0)
+            pvm.hide_cpuid(e)
         entries.append(e)
     return entries
 

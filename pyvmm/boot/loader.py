@@ -13,7 +13,7 @@ from pathlib import Path
 from pyvmm.boot.bzimage import STARTUP_64_OFFSET, is_bzimage, parse_bzimage
 from pyvmm.boot.cpu import EntryState
 from pyvmm.boot.errors import BootError
-from pyvmm.boot.layout import (CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START,
+from pyvmm.layout import (CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START,
                                PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
                                ZERO_PAGE_START)
 from pyvmm.boot.mptable import write_mptable

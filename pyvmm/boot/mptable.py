@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 from pyvmm.boot.errors import BootError
-from pyvmm.boot.layout import APIC_ADDR, EBDA_START, IOAPIC_ADDR
+from pyvmm.layout import APIC_ADDR, EBDA_START, IOAPIC_ADDR
 from pyvmm.memory import GuestMemory
 
 MPF_SIGNATURE = b"_MP_"

@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.boot.bzimage import CAN_USE_HEAP, SETUP_HEADER_OFFSET, SetupHeader
-from pyvmm.boot.layout import EBDA_START, HIMEM_START
+from pyvmm.layout import EBDA_START, HIMEM_START
 from pyvmm.memory import GuestMemory
 
 E820_RAM, E820_RESERVED = 1, 2

@@ -24,10 +24,9 @@ from typing import Callable
 from pyvmm.errors import PyvmmError
 from pyvmm.machine import StopVcpu
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
+from pyvmm.layout import I8042_COMMAND_PORT, I8042_DATA_PORT
+
 I8042_PORTS = 5                       # 0x60..0x64 (0x61 is the PIT's, handled in KVM)
-KEYBOARD_IRQ = 1
 DATA, COMMAND = 0, I8042_COMMAND_PORT - I8042_DATA_PORT
 
 # Status register (read from 0x64)

@@ -4,16 +4,14 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyvmm.errors import PyvmmError
+from pyvmm.pvm import is_pvm_host
 from pyvmm.kvm.ioctl import KvmError, ffi, ioctl_int, ioctl_struct, lib
 
 KVM_PATH = "/dev/kvm"
 # KVM_GET_API_VERSION has answered 12 since Linux 2.6.22 (api.rst 4.1).
 EXPECTED_API_VERSION = 12
-# KVM PVM (a software "pvm" module with no VT-x/AMD-V) registers this module.
-PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
 # Enough for every leaf of any current CPU; KVM answers E2BIG if it is not.
 CPUID_ENTRIES = 256
 MSR_LIST_ENTRIES = 1024
@@ -49,11 +47,6 @@ REQUIRED_CAPABILITIES: tuple[Capability, ...] = (
     Capability("MP_STATE", "vCPU run states"),
     Capability("SYNC_MMU", "guest memory that the host may page"),
 )
-
-
-def is_pvm_host() -> bool:
-    """True on KVM PVM: guest ring 0 is emulated and a few instructions fail."""
-    return PVM_MODULE_PATH.exists()
 
 
 class Kvm:

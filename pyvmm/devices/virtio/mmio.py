@@ -8,13 +8,18 @@ the I/O thread serves the queue.  Interrupts go through an irqfd.
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyvmm.devices.virtio.queue import QueueError, Virtqueue
 from pyvmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyvmm.devices.iothread import IoThread
+    from pyvmm.machine import Machine
 
 MMIO_WINDOW = 0x1000                   # each device takes 4 KiB: virtio_mmio.device=4K@...
 MAGIC = 0x74726976                     # "virt"
@@ -98,6 +103,7 @@ class VirtioMmio:
         self.on_activate: Callable[["VirtioMmio"], None] | None = None
         self.on_reset: Callable[["VirtioMmio"], None] | None = None
         self.error: str | None = None
+        self.eventfds: list[int] = []      # irqfd and ioeventfds (attach()), closed with us
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -269,6 +275,15 @@ class VirtioMmio:
         if self.status & DRIVER_OK:
             self.interrupt(INT_CONFIG)
 
+    def close(self) -> None:
+        """Release the device's backend and our eventfds; the I/O thread must be stopped."""
+        close = getattr(self.device, "close", None)
+        if close is not None:
+            close()
+        for fd in self.eventfds:
+            os.close(fd)
+        self.eventfds = []
+
     def config_changed(self) -> None:
         with self.lock:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
@@ -277,6 +292,43 @@ class VirtioMmio:
     def interrupt(self, bits: int) -> None:
         self.interrupt_status |= bits
         self._raise_irq()
+
+
+def attach(machine: "Machine", iothread: "IoThread", device: VirtioDevice, index: int,
+           name: str) -> VirtioMmio:
+    """Put device on the MMIO bus as the index-th virtio-mmio device (its window and
+    IRQ are pyvmm.layout's): interrupts leave through an irqfd, and each queue's
+    kick reaches the I/O thread through an ioeventfd, so the vCPU never exits for
+    either.  transport.close() releases the device and the eventfds (stop the I/O
+    thread first)."""
+    from pyvmm.layout import virtio_window
+    from pyvmm.machine import Bus
+    base, irq = virtio_window(index)
+    eventfds: list[int] = []
+
+    def eventfd() -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        eventfds.append(fd)
+        return fd
+    try:
+        irqfd = eventfd()
+        machine.vm.irqfd(irqfd, irq)
+        transport = VirtioMmio(device, machine.memory, eventfd_irq(irqfd))
+        transport.eventfds = eventfds
+        if hasattr(device, "watch_tap"):
+            device.watch_tap = functools.partial(iothread.watch, device.fd, device.tap_readable)
+        machine.add_device(Bus.MMIO, base, MMIO_WINDOW, transport, name[:23])
+        for queue in range(len(device.queues)):
+            kick = eventfd()
+            # A 4-byte write of the queue's index to QueueNotify signals `kick`
+            # inside KVM; the vCPU never exits for it.
+            machine.vm.ioeventfd(kick, base + QUEUE_NOTIFY, 4, datamatch=queue)
+            iothread.add_eventfd(kick, functools.partial(transport.notify, queue))
+    except BaseException:
+        for fd in eventfds:
+            os.close(fd)
+        raise
+    return transport
 
 
 def eventfd_irq(fd: int) -> Callable[[], None]:

@@ -1,4 +1,6 @@
-"""An 8250/16550A UART (the PC's COM1 at 0x3f8, IRQ 4).
+"""The guest's serial port: an 8250/16550A UART model (the PC's COM1).
+
+The host side of the console (capture, stdin) is pyvmm.console.
 
 Enough of the chip for Linux's 8250 driver with interrupts: the divisor latch,
 IER/IIR with THRE and received-data interrupts, a receive FIFO fed by the host
@@ -13,9 +15,7 @@ import collections
 import threading
 from typing import Callable
 
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-UART_REGISTERS = 8
+UART_REGISTERS = 8              # where they sit: pyvmm.layout.COM1_PORT, COM1_IRQ
 
 # Register offsets (DLAB=0 unless noted).
 RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)

@@ -26,7 +26,7 @@ INSTALL_HINT = f"run `apt-get install $(cat {APT_PACKAGES})`"
 SOURCE_PACKAGES = ("linux-source-6.1", "busybox-static")
 
 
-class FirmwareError(PyvmmError):
+class GuestBuildError(PyvmmError):
     """The guest kernel or initramfs is missing, or cannot be built."""
 
 
@@ -59,7 +59,7 @@ def package_version(package: str) -> str | None:
             capture_output=True, text=True, check=False,
         )
     except FileNotFoundError:
-        raise FirmwareError("dpkg-query was not found: the guest firmware is built from Debian packages, so build it on Debian or Ubuntu.") from None
+        raise GuestBuildError("dpkg-query was not found: the guest firmware is built from Debian packages, so build it on Debian or Ubuntu.") from None
     status, _, version = r.stdout.partition("\t")
     return version if r.returncode == 0 and status.endswith(" installed") else None
 
@@ -84,7 +84,7 @@ def cache_key() -> str:
     for package in SOURCE_PACKAGES:
         version = package_version(package)
         if version is None:
-            raise FirmwareError(f"{package} is not installed: {INSTALL_HINT}.")
+            raise GuestBuildError(f"{package} is not installed: {INSTALL_HINT}.")
         h.update(f"{package}\0{version}\0".encode())
     return h.hexdigest()[:32]
 
@@ -97,7 +97,7 @@ def find_guest() -> GuestPaths | None:
     """The cached guest for the current recipe, or None if it has not been built."""
     try:
         paths = GuestPaths.in_dir(guest_dir())
-    except FirmwareError:
+    except GuestBuildError:
         return None
     return paths if paths.exist() else None
 
@@ -110,7 +110,7 @@ def _run(argv: list[str], progress: bool) -> None:
         r = subprocess.run(argv, capture_output=True, text=True, check=False)
         tail = " Its last output: " + " | ".join((r.stdout + r.stderr).strip().splitlines()[-5:])
     if r.returncode != 0:
-        raise FirmwareError(f"{Path(argv[0]).name} failed with exit status {r.returncode}: rerun it by hand to see why.{tail}")
+        raise GuestBuildError(f"{Path(argv[0]).name} failed with exit status {r.returncode}: rerun it by hand to see why.{tail}")
 
 
 def build_guest(progress: bool = True) -> GuestPaths:
@@ -121,7 +121,7 @@ def build_guest(progress: bool = True) -> GuestPaths:
     """
     missing = missing_packages()
     if missing:
-        raise FirmwareError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT}.")
+        raise GuestBuildError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT}.")
     final = guest_dir()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -130,7 +130,7 @@ def build_guest(progress: bool = True) -> GuestPaths:
         _run([str(FIRMWARE_DIR / "build-kernel.sh"), str(tmp)], progress)
         _run([str(FIRMWARE_DIR / "build-initramfs.sh"), str(tmp / "initramfs.cpio")], progress)
         if not GuestPaths.in_dir(tmp).exist():
-            raise FirmwareError(f"the firmware build left no complete guest in {tmp}: rerun it with progress=True to see why.")
+            raise GuestBuildError(f"the firmware build left no complete guest in {tmp}: rerun it with progress=True to see why.")
         try:
             tmp.rename(final)
         except OSError:
