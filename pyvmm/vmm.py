@@ -17,11 +17,12 @@ from pathlib import Path
 from pyvmm.boot.cpu import setup_vcpus
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.loader import LoadedKernel, load_linux
-from pyvmm.boot.pvm import PVM_CMDLINE, PvmFixups
+from pyvmm.pvm import KERNEL_PARAMS as PVM_CMDLINE, PvmFixups
 from pyvmm.console import ConsoleOutput
-from pyvmm.devices.i8042 import I8042, I8042_DATA_PORT, I8042_PORTS, KEYBOARD_IRQ
+from pyvmm.devices.i8042 import I8042, I8042_PORTS
+from pyvmm.layout import COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ
 from pyvmm.devices.iothread import IoThread
-from pyvmm.devices.uart import COM1_IRQ, COM1_PORT, UART_REGISTERS, Serial
+from pyvmm.devices.uart import UART_REGISTERS, Serial
 from pyvmm.devices.virtio.blk import Block
 from pyvmm.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, \
     eventfd_irq
