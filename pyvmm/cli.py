@@ -91,6 +91,47 @@ def _default_guest(build: bool):
     return builtin_guest.ensure_guest(progress=True) if build else builtin_guest.find_guest()
 
 
+# -- the syntax of --disk and --net (the model itself is pyvmm.config) --------------------
+
+def parse_disk(text: str, index: int):
+    """`PATH[,ro][,root][,id=NAME]` (the `--disk` flag) as a pyvmm.config.Drive."""
+    from pyvmm.config import Drive
+    path, *options = text.split(",")
+    drive_id, read_only, root = f"drive{index}", False, False
+    for option in options:
+        if option == "ro":
+            read_only = True
+        elif option == "root":
+            root = True
+        elif option.startswith("id="):
+            drive_id = option[3:]
+        else:
+            raise PyvmmError(f"--disk {text}: unknown option {option!r}: use "
+                             "PATH[,ro][,root][,id=NAME]")
+    return Drive.from_json({"drive_id": drive_id, "path_on_host": path,
+                            "is_root_device": root, "is_read_only": read_only},
+                           f"--disk {text}")
+
+
+def parse_net(text: str, index: int):
+    """`tap=NAME[,mac=XX:..][,id=NAME]` (the `--net` flag) as a
+    pyvmm.config.NetworkInterface."""
+    from pyvmm.config import NetworkInterface
+    values = {"id": f"eth{index}"}
+    for option in text.split(","):
+        key, eq, value = option.partition("=")
+        if not eq or key not in ("tap", "mac", "id"):
+            raise PyvmmError(f"--net {text}: bad option {option!r}: use "
+                             "tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME]")
+        values[key] = value
+    if "tap" not in values:
+        raise PyvmmError(f"--net {text}: tap=NAME is required")
+    body = {"iface_id": values["id"], "host_dev_name": values["tap"]}
+    if "mac" in values:
+        body["guest_mac"] = values["mac"]
+    return NetworkInterface.from_json(body, f"--net {text}")
+
+
 VM_FLAGS = ("kernel", "initrd", "cmdline", "mem", "cpus", "disk", "net", "rng", "bzimage")
 
 
@@ -111,7 +152,9 @@ def spec_from_args(args: argparse.Namespace):
     return VmSpec.build(kernel=kernel, initrd=initrd, cmdline=args.cmdline or "",
                         vcpus=1 if args.cpus is None else args.cpus,
                         mem_mib=256 if args.mem is None else args.mem,
-                        drives=args.disk, nets=args.net, rng=args.rng)
+                        drives=[parse_disk(text, i) for i, text in enumerate(args.disk)],
+                        nets=[parse_net(text, i) for i, text in enumerate(args.net)],
+                        rng=args.rng)
 
 
 def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
@@ -134,8 +177,8 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
         while not vm.started.wait(0.5):
             pass
         if vm.pvm:
-            print("pyvmm: KVM PVM host: adding kernel parameters to avoid instructions it "
-                  "cannot emulate, and fixing up int3/fwait", file=sys.stderr)
+            from pyvmm.pvm import STARTUP_NOTICE
+            print(STARTUP_NOTICE, file=sys.stderr)
         if args.console == "stdio" and vm.state != "Exited":
             reader = StdinReader(functools.partial(_type_into, vm), vm.stop)
             reader.start()

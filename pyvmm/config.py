@@ -11,8 +11,10 @@ that Firecracker has but pyvmm cannot honour yet (rate limiters, CPU
 templates, huge pages...) are accepted only at their default value; anything
 else is refused with a message that says "not supported yet".
 
-This module is imported before the API socket is up, so it stays light: the
-VMM itself (pyvmm.vmm) is imported only by to_vm_config().
+Imports run one way, as in Firecracker: the builder (pyvmm.builder) reads
+this model; this module never imports the VM, and stays light because it is
+imported before the API socket is up.  Command-line flag syntax (`--disk
+PATH,ro`) is the CLI's business (pyvmm.cli), not the model's.
 """
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ from typing import Any, Iterable
 
 from pyvmm.errors import PyvmmError
 
-# Keep in step with pyvmm.vmm (tests/test_config.py checks it): importing
-# pyvmm.vmm here would cost ~0.1 s before the API socket accepts connections.
 MIN_MEM_MIB = 16
 MAX_MEM_MIB = 1 << 20
 MAX_VCPUS = 32
@@ -35,7 +35,11 @@ MAX_VCPUS = 32
 DEFAULT_VCPUS = 1
 DEFAULT_MEM_MIB = 128
 # The command line Firecracker uses when boot_args is not given (minus its
-# `8250.nr_uarts=0`, which would take our serial console away).
+# `8250.nr_uarts=0`, which would take our serial console away): console on
+# COM1; reboot through the i8042 (no ACPI); reboot at once on panic; no PCI
+# bus to probe; the i8042 has a keyboard and no mouse, and the keyboard is
+# taken as it is instead of probed (each probe command costs emulated ring-0
+# time on KVM PVM hosts).
 DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux "
                      "i8042.nopnp i8042.dumbkbd")
 ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -258,25 +262,6 @@ class Drive:
             _existing_file(where, "path_on_host", f["path_on_host"])
         return f.get("path_on_host")
 
-    @classmethod
-    def from_cli(cls, text: str, index: int) -> "Drive":
-        """`PATH[,ro][,root][,id=NAME]` (the `--disk` flag)."""
-        path, *options = text.split(",")
-        drive_id, read_only, root = f"drive{index}", False, False
-        for option in options:
-            if option == "ro":
-                read_only = True
-            elif option == "root":
-                root = True
-            elif option.startswith("id="):
-                drive_id = option[3:]
-            else:
-                raise ConfigError(f"--disk {text}: unknown option {option!r}: use "
-                                  "PATH[,ro][,root][,id=NAME]")
-        return cls.from_json({"drive_id": drive_id, "path_on_host": path,
-                              "is_root_device": root, "is_read_only": read_only},
-                             f"--disk {text}")
-
     def to_json(self) -> dict:
         return {"drive_id": self.drive_id, "path_on_host": self.path_on_host,
                 "is_root_device": self.is_root_device, "is_read_only": self.is_read_only,
@@ -316,23 +301,6 @@ class NetworkInterface:
             if int(mac[:2], 16) & 1:
                 raise ConfigError(f"{where}: guest_mac {mac} is a multicast address")
         return cls(f["iface_id"], tap, mac)
-
-    @classmethod
-    def from_cli(cls, text: str, index: int) -> "NetworkInterface":
-        """`tap=NAME[,mac=XX:..][,id=NAME]` (the `--net` flag)."""
-        values = {"id": f"eth{index}"}
-        for option in text.split(","):
-            key, eq, value = option.partition("=")
-            if not eq or key not in ("tap", "mac", "id"):
-                raise ConfigError(f"--net {text}: bad option {option!r}: use "
-                                  "tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME]")
-            values[key] = value
-        if "tap" not in values:
-            raise ConfigError(f"--net {text}: tap=NAME is required")
-        body = {"iface_id": values["id"], "host_dev_name": values["tap"]}
-        if "mac" in values:
-            body["guest_mac"] = values["mac"]
-        return cls.from_json(body, f"--net {text}")
 
     def to_json(self) -> dict:
         out = {"iface_id": self.iface_id, "host_dev_name": self.host_dev_name}
@@ -590,8 +558,7 @@ class VmSpec:
         """The model from keyword values (MicroVM(...) and `pyvmm run` flags).
 
         cmdline is appended to the default command line; boot_args replaces it, as in
-        Firecracker.  A drive or net may be a Drive / NetworkInterface, its JSON dict,
-        or the CLI syntax (`PATH[,ro][,root][,id=NAME]`, `tap=NAME[,mac=..]`).
+        Firecracker.  A drive or net may be a Drive / NetworkInterface or its JSON dict.
         """
         if boot_args is not None and cmdline:
             raise ConfigError("give cmdline (appended to the defaults) or boot_args "
@@ -609,23 +576,20 @@ class VmSpec:
         spec.machine_config = MachineConfig.from_json({"vcpu_count": vcpus,
                                                        "mem_size_mib": mem_mib})
         for index, drive in enumerate(drives):
-            if isinstance(drive, str):
-                drive = Drive.from_cli(drive, index)
-            elif isinstance(drive, dict):
+            if isinstance(drive, dict):
                 drive = Drive.from_json(drive, f"drives[{index}]")
             elif not isinstance(drive, Drive):
-                raise ConfigError(f"drives[{index}]: expected a Drive, a dict or a string")
+                raise ConfigError(f"drives[{index}]: expected a Drive or a dict, not "
+                                  f"{_describe_python(drive)}")
             if drive.drive_id in spec.drives:
                 raise ConfigError(f"drives[{index}]: duplicate drive_id {drive.drive_id!r}")
             spec.put_drive(drive)
         for index, net in enumerate(nets):
-            if isinstance(net, str):
-                net = NetworkInterface.from_cli(net, index)
-            elif isinstance(net, dict):
+            if isinstance(net, dict):
                 net = NetworkInterface.from_json(net, f"network-interfaces[{index}]")
             elif not isinstance(net, NetworkInterface):
-                raise ConfigError(f"nets[{index}]: expected a NetworkInterface, a dict or a "
-                                  "string")
+                raise ConfigError(f"nets[{index}]: expected a NetworkInterface or a dict, not "
+                                  f"{_describe_python(net)}")
             if net.iface_id in spec.network_interfaces:
                 raise ConfigError(f"nets[{index}]: duplicate iface_id {net.iface_id!r}")
             spec.put_network_interface(net)
@@ -635,34 +599,36 @@ class VmSpec:
             spec.serial = SerialConfig.from_json({"serial_out_path": os.fspath(serial_out_path)})
         return spec
 
-    # -- to the VMM ---------------------------------------------------------------
+    # -- what the builder reads ---------------------------------------------------------
 
-    def to_vm_config(self, console: str = "stdio"):
-        """A pyvmm.vmm.VmConfig.  console (stdio, file:PATH, none) applies unless the
-        serial section names an output file."""
-        from pyvmm.vmm import DriveConfig, NetConfig, VmConfig
+    def check_startable(self) -> None:
+        """Raises ConfigError unless a VM can be built from this model."""
         if self.boot_source is None:
             raise ConfigError("cannot start the microVM without a boot source: "
                               "PUT /boot-source first")
         self.machine_config.validate()
-        boot = self.boot_source
-        if self.serial is not None and self.serial.serial_out_path is not None:
-            console = f"file:{self.serial.serial_out_path}"
-        return VmConfig(
-            kernel=Path(boot.kernel_image_path),
-            initrd=Path(boot.initrd_path) if boot.initrd_path else None,
-            # Firecracker semantics: boot_args, when given, is the whole command line.
-            cmdline=boot.boot_args if boot.boot_args is not None else DEFAULT_BOOT_ARGS,
-            extra_cmdline_defaults="",
-            mem_mib=self.machine_config.mem_size_mib,
-            vcpus=self.machine_config.vcpu_count,
-            console=console,
-            drives=[DriveConfig(d.drive_id, Path(d.path_on_host), d.is_read_only,
-                                d.is_root_device) for d in self.ordered_drives()],
-            nets=[NetConfig(n.iface_id, n.host_dev_name, n.guest_mac)
-                  for n in self.network_interfaces.values()],
-            entropy=self.entropy is not None,
-        )
+
+    def virtio_devices(self) -> list[tuple[str, Drive | NetworkInterface | Entropy]]:
+        """(name, section) of each virtio device, in the order they take the virtio-mmio
+        windows of pyvmm.layout: the drives (the root device first: it is /dev/vda),
+        then the network interfaces, then the entropy device."""
+        devices: list[tuple[str, Drive | NetworkInterface | Entropy]] = \
+            [(f"drive:{d.drive_id}", d) for d in self.ordered_drives()]
+        devices += [(f"net:{n.iface_id}", n) for n in self.network_interfaces.values()]
+        if self.entropy is not None:
+            devices.append(("entropy", self.entropy))
+        return devices
+
+    @property
+    def kernel_args(self) -> str:
+        """boot_args, or the default command line when it is not given (Firecracker)."""
+        assert self.boot_source is not None
+        args = self.boot_source.boot_args
+        return DEFAULT_BOOT_ARGS if args is None else args
+
+
+def _describe_python(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:60]
 
 
 __all__ = ["BootSource", "ConfigError", "Drive", "Entropy", "Logger", "MachineConfig",

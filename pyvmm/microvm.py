@@ -1,4 +1,4 @@
-r"""MicroVM: a Linux microVM's whole life from Python.
+r"""MicroVM: a Linux microVM's whole life from Python, and the lifecycle the CLI and API drive.
 
     from pyvmm.microvm import MicroVM
 
@@ -15,27 +15,24 @@ r"""MicroVM: a Linux microVM's whole life from Python.
 MicroVM(...) takes keyword arguments; MicroVM.from_config() takes the JSON of a
 Firecracker config file (the shape of `GET /vm/config`).  Both build the same
 pyvmm.config.VmSpec, which the CLI and the API server (pyvmm.api) also use:
-they are thin layers over this class.
+they are thin layers over this class.  Building and booting the VM itself is
+pyvmm.builder's job; this class holds its state (Not started, Running, Paused,
+Exited), its console capture, its metrics and logs.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pyvmm.config import (BootSource, ConfigError, Drive, Entropy, Logger, MachineConfig,
-                          Metrics, NetworkInterface, SerialConfig, VmSpec, Vsock)
+from pyvmm.config import ConfigError, Logger, Metrics, VmSpec
+from pyvmm.console import ConsoleCapture, ConsoleSink, SerialConsole
 from pyvmm.errors import PyvmmError
 
 DEFAULT_ID = "anonymous-instance"         # Firecracker's, without --id
-TRANSCRIPT_LIMIT = 4 << 20                # console bytes kept for read() and expect()
-METRICS_PERIOD = 60.0                     # seconds, as in Firecracker
 NOT_STARTED, RUNNING, PAUSED, EXITED = "Not started", "Running", "Paused", "Exited"
 BEFORE_START = "The requested operation is not supported before starting the microVM."
 AFTER_START = "The requested operation is not supported after starting the microVM."
@@ -50,217 +47,24 @@ class MicroVMError(PyvmmError):
     """An operation that the microVM's state does not allow, or that failed."""
 
 
-# -- the serial console ---------------------------------------------------------------
-
-class Transcript:
-    """Everything the guest wrote to its serial console, with absolute positions
-    (the oldest bytes are dropped past TRANSCRIPT_LIMIT)."""
-
-    def __init__(self, limit: int = TRANSCRIPT_LIMIT) -> None:
-        self.limit = limit
-        self.base = 0                       # absolute position of data[0]
-        self.data = bytearray()
-        self.lock = threading.Lock()
-
-    def tee(self, sink: Callable[[bytes], None]) -> Callable[[bytes], None]:
-        def output(data: bytes) -> None:
-            sink(data)
-            self.append(data)
-        return output
-
-    def append(self, data: bytes) -> None:
-        with self.lock:
-            self.data += data
-            excess = len(self.data) - self.limit
-            if excess > 0:
-                del self.data[:excess]
-                self.base += excess
-
-    @property
-    def end(self) -> int:
-        with self.lock:
-            return self.base + len(self.data)
-
-    def since(self, position: int) -> tuple[int, bytes]:
-        """(the position actually read from, the bytes from there to the end)."""
-        with self.lock:
-            start = max(position, self.base)
-            return start, bytes(self.data[start - self.base:])
+def _set_section(name: str) -> Callable[[VmSpec, Any], None]:
+    def put(spec: VmSpec, value: Any) -> None:
+        setattr(spec, name, value)
+    return put
 
 
-class SerialConsole:
-    """The guest's COM1: read() what it wrote, write() what it reads, expect() a regex."""
-
-    def __init__(self, vm: "MicroVM") -> None:
-        self._vm = vm
-        self.transcript = Transcript()
-        self.position = 0                   # where read() and expect() start by default
-
-    def read(self) -> bytes:
-        """The output since the last read() or expect(); moves past it."""
-        start, data = self.transcript.since(self.position)
-        self.position = start + len(data)
-        return data
-
-    def write(self, data: bytes | str) -> None:
-        """Bytes for the guest to read (what a user would type)."""
-        if isinstance(data, str):
-            data = data.encode()
-        self._vm._linux_vm(started=True).send(data)
-
-    def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 30.0,
-               since: int | None = None) -> re.Match:
-        """Wait for a regex over the output since `since` (default: the end of the last
-        read() or expect()); returns the match (bytes) and moves past it.  Raises
-        MicroVMError at timeout or when the VM ends without a match."""
-        if isinstance(pattern, str):
-            pattern = pattern.encode()
-        regex = re.compile(pattern) if not isinstance(pattern, re.Pattern) else pattern
-        start = self.position if since is None else since
-        deadline = time.monotonic() + timeout
-        while True:
-            ended = self._vm.state == EXITED
-            first, data = self.transcript.since(start)
-            match = regex.search(data)
-            if match:
-                self.position = first + match.end()
-                return match
-            if ended or time.monotonic() >= deadline:
-                tail = data[-2000:].decode(errors="replace")
-                why = "the VM ended" if ended else f"{timeout:g} s passed"
-                raise MicroVMError(f"{regex.pattern!r} did not appear on the serial console "
-                                   f"before {why}; its last output:\n{tail}")
-            time.sleep(0.02)
-
-
-# -- metrics and logs ---------------------------------------------------------------------
-
-def _open_output(path: str) -> int:
-    """A file (appended to, created if missing) or a FIFO (opened read-write, so that
-    opening never blocks and writes never fail for lack of a reader)."""
-    try:
-        st = os.stat(path)
-        fifo = stat.S_ISFIFO(st.st_mode)
-    except FileNotFoundError:
-        fifo = False
-    flags = (os.O_RDWR if fifo else os.O_WRONLY | os.O_APPEND | os.O_CREAT) | \
-        os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
-
-
-def _write_line(fd: int, line: str) -> bool:
-    try:
-        os.write(fd, line.encode() + b"\n")
-        return True
-    except OSError:
-        return False            # a full FIFO nobody reads, a full disk...: drop the line
-
-
-def _delta(now: Any, before: Any) -> Any:
-    """Counters since the last flush (Firecracker's metrics are per-period deltas)."""
-    if isinstance(now, dict):
-        before = before if isinstance(before, dict) else {}
-        return {k: _delta(v, before.get(k)) for k, v in now.items()}
-    if isinstance(now, list):
-        before = before if isinstance(before, list) else []
-        return [_delta(v, before[i] if i < len(before) else None) for i, v in enumerate(now)]
-    if isinstance(now, (int, float)) and not isinstance(now, bool) and \
-            isinstance(before, (int, float)):
-        return now - before
-    return now
-
-
-class MetricsWriter:
-    """Newline-delimited JSON to a file or FIFO: one line per flush, with the counters
-    of the period since the previous line."""
-
-    def __init__(self, path: str, vm: "MicroVM") -> None:
-        self.fd = _open_output(path)
-        self.vm = vm
-        self.last: dict = {}
-        self.lock = threading.Lock()
-        self.lines = self.dropped = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def snapshot(self) -> dict:
-        stats = self.vm.stats if self.vm.state != NOT_STARTED else {}
-        per_vcpu = stats.get("vcpus", [])
-        devices = {name: {"requests": count} for name, count in stats.get("devices", {}).items()}
-        if "serial" in devices:
-            devices["serial"]["tx_bytes"] = stats.get("serial_tx_bytes", 0)
-        for name, counters in stats.get("virtio", {}).items():      # bytes, requests...
-            devices.setdefault(name[:23], {}).update(counters)
-        extra = {k: v for k, v in stats.items()
-                 if k not in ("vcpus", "devices", "serial_tx_bytes", "virtio")}
-        return {"vcpus": [{"exits": counts} for counts in per_vcpu], "devices": devices,
-                **extra, "api_server": dict(self.vm.api_counters)}
-
-    def flush(self) -> None:
-        with self.lock:
-            if self.fd < 0:
-                return
-            now = self.snapshot()
-            line = {"utc_timestamp_ms": int(time.time() * 1000),
-                    "vmm": {"id": self.vm.vm_id, "state": self.vm.state},
-                    **_delta(now, self.last)}
-            self.last = now
-            if _write_line(self.fd, json.dumps(line, separators=(",", ":"))):
-                self.lines += 1
-            else:
-                self.dropped += 1
-
-    def start_periodic(self, period: float = METRICS_PERIOD) -> None:
-        def loop() -> None:
-            while not self._stop.wait(period):
-                self.flush()
-        self._thread = threading.Thread(target=loop, name="metrics", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        with self.lock:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-
-
-LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO,
-          "Debug": logging.DEBUG, "Trace": 5, "Off": logging.CRITICAL + 10}
-
-
-class _FdHandler(logging.Handler):
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self.fd = fd
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            _write_line(self.fd, self.format(record))
-        except Exception:  # noqa: BLE001 - logging must never break the VMM
-            pass
-
-    def close(self) -> None:
-        super().close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _log_handler(config: Logger, vm_id: str) -> logging.Handler | None:
-    if config.log_path is None:
-        return None
-    handler = _FdHandler(_open_output(config.log_path))
-    parts = f"{vm_id}:%(threadName)s" + (":%(levelname)s" if config.show_level else "") + \
-        (":%(pathname)s:%(lineno)d" if config.show_log_origin else "")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [{parts}] %(message)s"))
-    handler.setLevel(LEVELS[config.level])
-    if config.module:
-        handler.addFilter(logging.Filter(config.module))
-    return handler
+# The sections configure() takes, and how each goes into the model.
+SECTIONS: dict[str, Callable[[VmSpec, Any], None]] = {
+    "boot_source": _set_section("boot_source"),
+    "machine_config": _set_section("machine_config"),
+    "drive": VmSpec.put_drive,
+    "network_interface": VmSpec.put_network_interface,
+    "entropy": _set_section("entropy"),
+    "vsock": _set_section("vsock"),
+    "serial": _set_section("serial"),
+    "logger": _set_section("logger"),
+    "metrics": _set_section("metrics"),
+}
 
 
 # -- the microVM ---------------------------------------------------------------------
@@ -270,9 +74,10 @@ class MicroVM:
     stopped; `serial` is its console, `stats` its counters.  Use it as a context
     manager, or call close(): the VM is stopped and every resource released."""
 
-    # What start() builds from the pyvmm.vmm.VmConfig (None: pyvmm.vmm.LinuxVm); the
-    # API tests put a stand-in here to test the lifecycle without booting anything.
-    vm_factory: Callable[[Any], Any] | None = None
+    # What start() builds the VM with: factory(spec, console_capture) (None:
+    # pyvmm.builder.LinuxVm); the API tests put a stand-in here to test the
+    # lifecycle without booting anything.
+    vm_factory: Callable[[VmSpec, ConsoleCapture], Any] | None = None
 
     def __init__(self, *, kernel: str | os.PathLike | None = None,
                  initrd: str | os.PathLike | None = None, cmdline: str = "",
@@ -305,23 +110,25 @@ class MicroVM:
         self.spec = spec
         self.console = console
         self.vm_id = vm_id
-        self.serial = SerialConsole(self)
+        self.capture = ConsoleCapture()
+        self.serial = SerialConsole(self.capture, self._send, lambda: self._state == EXITED,
+                                    MicroVMError)
         self.api_counters: dict[str, int] = {"requests": 0, "errors": 0}
-        self.result = None                   # pyvmm.vmm.VmResult once the VM has ended
+        self.result = None                   # pyvmm.builder.VmResult once the VM has ended
         self._lock = threading.RLock()
         self._state = NOT_STARTED
-        self._vm = None                      # pyvmm.vmm.LinuxVm once started
+        self._vm = None                      # pyvmm.builder.LinuxVm once started
         self._ended = threading.Event()
         self._started = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._metrics: MetricsWriter | None = None
+        self._metrics = None                 # pyvmm.telemetry.MetricsWriter
         self._log_handler: logging.Handler | None = None
         self._closed = False
         try:
             if spec.logger is not None:
                 self._apply_logger(spec.logger)
             if spec.metrics is not None:
-                self._metrics = MetricsWriter(spec.metrics.metrics_path, self)
+                self._apply_metrics(spec.metrics)
         except BaseException:
             self.close()
             raise
@@ -356,7 +163,8 @@ class MicroVM:
         """Whether the host is KVM PVM (known once started)."""
         return bool(self._vm is not None and self._vm.pvm)
 
-    def _linux_vm(self, started: bool):
+    def _running_vm(self):
+        """The built VM, for operations that need one that has not ended."""
         if self._vm is None:
             raise MicroVMError(BEFORE_START)
         if self._state == EXITED:
@@ -364,65 +172,39 @@ class MicroVM:
                                + (f": {self.result.reason}" if self.result else ""))
         return self._vm
 
-    def _preboot(self) -> None:
-        if self._closed:
-            raise MicroVMError("the microVM is closed")
-        if self._state != NOT_STARTED:
-            raise MicroVMError(AFTER_START)
+    def _send(self, data: bytes) -> None:
+        self._running_vm().send(data)
 
     # -- configuration before start ------------------------------------------------------
 
-    def set_boot_source(self, boot: BootSource) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.boot_source = boot
+    def configure(self, section: str, value: Any) -> None:
+        """Set one section of the configuration (a name of SECTIONS) before start.
 
-    def set_machine_config(self, machine: MachineConfig) -> None:
+        value is the section (pyvmm.config), or a function that builds it: that is
+        called only once the state allows the change, so that a request after start
+        is refused as such rather than for what its body holds."""
+        put = SECTIONS.get(section)
+        if put is None:
+            raise MicroVMError(f"unknown configuration section {section!r}: use "
+                               f"{', '.join(SECTIONS)}")
         with self._lock:
-            self._preboot()
-            self.spec.machine_config = machine
-
-    def put_drive(self, drive: Drive) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.put_drive(drive)
-
-    def put_network_interface(self, iface: NetworkInterface) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.put_network_interface(iface)
-
-    def set_entropy(self, entropy: Entropy) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.entropy = entropy
-
-    def set_vsock(self, vsock: Vsock) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.vsock = vsock
-
-    def set_serial(self, serial: SerialConfig) -> None:
-        with self._lock:
-            self._preboot()
-            self.spec.serial = serial
-
-    def set_logger(self, logger: Logger) -> None:
-        with self._lock:
-            self._preboot()
-            self._apply_logger(logger)
-            self.spec.logger = logger
-
-    def set_metrics(self, metrics: Metrics) -> None:
-        with self._lock:
-            self._preboot()
-            if self._metrics is not None:
-                raise MicroVMError("the metrics system is already configured")
-            self._metrics = MetricsWriter(metrics.metrics_path, self)
-            self.spec.metrics = metrics
+            if self._closed:
+                raise MicroVMError("the microVM is closed")
+            if self._state != NOT_STARTED:
+                raise MicroVMError(AFTER_START)
+            if callable(value):
+                value = value()
+            if section == "logger":
+                self._apply_logger(value)
+            elif section == "metrics":
+                if self._metrics is not None:
+                    raise MicroVMError("the metrics system is already configured")
+                self._apply_metrics(value)
+            put(self.spec, value)
 
     def _apply_logger(self, config: Logger) -> None:
-        handler = _log_handler(config, self.vm_id)
+        from pyvmm.telemetry import log_handler
+        handler = log_handler(config, self.vm_id)
         root = logging.getLogger("pyvmm")
         if self._log_handler is not None:
             root.removeHandler(self._log_handler)
@@ -433,18 +215,32 @@ class MicroVM:
             root.setLevel(min(root.level or logging.WARNING, handler.level))
         log.info("logger configured: level %s", config.level)
 
+    def _apply_metrics(self, config: Metrics) -> None:
+        from pyvmm.telemetry import MetricsWriter, metrics_from_stats
+        self._metrics = MetricsWriter(
+            config.metrics_path,
+            counters=lambda: metrics_from_stats(self.stats, self.api_counters),
+            header=lambda: {"vmm": {"id": self.vm_id, "state": self.state}})
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Build the VM from the spec and start its vCPUs (InstanceStart)."""
         with self._lock:
-            self._preboot()
-            config = self.spec.to_vm_config(self.console)
+            if self._closed:
+                raise MicroVMError("the microVM is closed")
+            if self._state != NOT_STARTED:
+                raise MicroVMError(AFTER_START)
+            self.spec.check_startable()
+            serial = self.spec.serial
+            self.capture.sink.close()
+            self.capture.sink = ConsoleSink(
+                f"file:{serial.serial_out_path}" if serial and serial.serial_out_path
+                else self.console)
             factory = self.vm_factory
             if factory is None:
-                from pyvmm.vmm import LinuxVm as factory
-            vm = factory(config)
-            vm.serial.output = self.serial.transcript.tee(vm.serial.output)
+                from pyvmm.builder import LinuxVm as factory
+            vm = factory(self.spec, self.capture)
             self._vm = vm
             try:
                 vm.start()
@@ -453,8 +249,10 @@ class MicroVM:
                 vm.close()
                 raise
             self._state = RUNNING
+            machine = self.spec.machine_config
             log.info("microVM %s started: %d vCPUs, %d MiB, kernel %s", self.vm_id,
-                     config.vcpus, config.mem_mib, config.kernel)
+                     machine.vcpu_count, machine.mem_size_mib,
+                     self.spec.boot_source.kernel_image_path)
             self._watcher = threading.Thread(target=self._watch, name="vm-watch", daemon=True)
             self._watcher.start()
             if self._metrics is not None:
@@ -475,7 +273,7 @@ class MicroVM:
     def pause(self) -> None:
         """Stop every vCPU where it is; the guest's clock stops with it."""
         with self._lock:
-            vm = self._linux_vm(started=True)
+            vm = self._running_vm()
             if self._state == PAUSED:
                 return
             vm.pause()
@@ -485,7 +283,7 @@ class MicroVM:
 
     def resume(self) -> None:
         with self._lock:
-            vm = self._linux_vm(started=True)
+            vm = self._running_vm()
             if self._state == RUNNING:
                 return
             vm.resume()
@@ -495,20 +293,17 @@ class MicroVM:
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
-            self._linux_vm(started=True).send_ctrl_alt_del()
+            self._running_vm().send_ctrl_alt_del()
 
     def update_drive(self, drive_id: str, path_on_host: str | None) -> None:
         """PATCH /drives/{id} after boot: a new backing file for the same drive."""
         with self._lock:
-            vm = self._linux_vm(started=True)
+            vm = self._running_vm()
             if drive_id not in self.spec.drives:
                 raise MicroVMError(f"drive {drive_id!r} does not exist")
             if path_on_host is None:
                 return
-            update = getattr(vm, "update_drive", None)
-            if update is None:
-                raise MicroVMError("updating a drive after boot is not supported yet")
-            update(drive_id, Path(path_on_host))
+            vm.update_drive(drive_id, Path(path_on_host))
             self.spec.drives[drive_id].path_on_host = path_on_host
 
     def flush_metrics(self) -> None:
@@ -551,6 +346,7 @@ class MicroVM:
                 vm.stop()
                 self._ended.wait(30)
             vm.close()
+        self.capture.close()
         if self._metrics is not None:
             self._metrics.close()
         if self._log_handler is not None:
@@ -568,4 +364,4 @@ class MicroVM:
         return f"<MicroVM {self.vm_id} {self.state}>"
 
 
-__all__ = ["MicroVM", "MicroVMError", "SerialConsole"]
+__all__ = ["MicroVM", "MicroVMError", "SECTIONS"]

@@ -173,25 +173,27 @@ class ApiController:
     def get_version(self) -> dict:
         return {"firecracker_version": FIRECRACKER_API_VERSION}
 
+    def _configure(self, section: str, parse: Callable[[], Any]) -> None:
+        """Every pre-boot PUT/PATCH: the state is checked before the body is parsed,
+        so that a request after start is refused as such."""
+        self.vm.configure(section, parse)
+
     def put_boot_source(self, body: Any) -> None:
-        self.vm._preboot()           # refuse after start before looking at paths
-        self.vm.set_boot_source(BootSource.from_json(body, "PUT /boot-source"))
+        self._configure("boot_source", lambda: BootSource.from_json(body, "PUT /boot-source"))
 
     def get_machine_config(self) -> dict:
         return self.vm.spec.machine_config.to_json()
 
     def put_machine_config(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_machine_config(MachineConfig.from_json(body, "PUT /machine-config"))
+        self._configure("machine_config",
+                        lambda: MachineConfig.from_json(body, "PUT /machine-config"))
 
     def patch_machine_config(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_machine_config(MachineConfig.from_json(
+        self._configure("machine_config", lambda: MachineConfig.from_json(
             body, "PATCH /machine-config", base=self.vm.spec.machine_config))
 
     def put_drive(self, id: str, body: Any) -> None:  # noqa: A002 - the route's name
-        self.vm._preboot()
-        self.vm.put_drive(Drive.from_json(body, f"PUT /drives/{id}", path_id=id))
+        self._configure("drive", lambda: Drive.from_json(body, f"PUT /drives/{id}", path_id=id))
 
     def patch_drive(self, id: str, body: Any) -> None:  # noqa: A002
         where = f"PATCH /drives/{id}"
@@ -201,8 +203,7 @@ class ApiController:
         self.vm.update_drive(id, path)
 
     def put_network_interface(self, id: str, body: Any) -> None:  # noqa: A002
-        self.vm._preboot()
-        self.vm.put_network_interface(NetworkInterface.from_json(
+        self._configure("network_interface", lambda: NetworkInterface.from_json(
             body, f"PUT /network-interfaces/{id}", path_id=id))
 
     def patch_network_interface(self, id: str, body: Any) -> None:  # noqa: A002
@@ -210,24 +211,19 @@ class ApiController:
                        "by pyvmm.")
 
     def put_entropy(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_entropy(Entropy.from_json(body, "PUT /entropy"))
+        self._configure("entropy", lambda: Entropy.from_json(body, "PUT /entropy"))
 
     def put_vsock(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_vsock(Vsock.from_json(body, "PUT /vsock"))
+        self._configure("vsock", lambda: Vsock.from_json(body, "PUT /vsock"))
 
     def put_logger(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_logger(Logger.from_json(body, "PUT /logger"))
+        self._configure("logger", lambda: Logger.from_json(body, "PUT /logger"))
 
     def put_metrics(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_metrics(Metrics.from_json(body, "PUT /metrics"))
+        self._configure("metrics", lambda: Metrics.from_json(body, "PUT /metrics"))
 
     def put_serial(self, body: Any) -> None:
-        self.vm._preboot()
-        self.vm.set_serial(SerialConfig.from_json(body, "PUT /serial"))
+        self._configure("serial", lambda: SerialConfig.from_json(body, "PUT /serial"))
 
     def put_action(self, body: Any) -> None:
         if not isinstance(body, dict) or set(body) - {"action_type"} or \

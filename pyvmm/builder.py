@@ -1,0 +1,250 @@
+"""The Linux VM builder: a VmSpec in, a Machine with a loaded kernel and its devices out.
+
+Three layers, bottom up:
+- pyvmm.machine.Machine: KVM, guest RAM, the buses, one thread per vCPU;
+- LinuxVm (here): builds a Machine from the configuration model (pyvmm.config)
+  and boots Linux on it: the kernel and command line, the UART and i8042, the
+  virtio-mmio devices, the KVM PVM fix-ups; it reports how the guest ended;
+- pyvmm.microvm.MicroVM: the public lifecycle that the CLI, the API server
+  and Python users drive.
+
+    console = ConsoleCapture()
+    vm = LinuxVm(spec, console)            # spec: a pyvmm.config.VmSpec
+    vm.start(); ...; result = vm.wait()
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyvmm import pvm as pvm_host
+from pyvmm.boot.cmdline import build_cmdline
+from pyvmm.boot.cpu import setup_vcpus
+from pyvmm.boot.loader import LoadedKernel, load_linux
+from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec
+from pyvmm.devices.i8042 import I8042, I8042_PORTS
+from pyvmm.devices.iothread import IoThread
+from pyvmm.devices.uart import UART_REGISTERS, Serial
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm import Outcome, OutcomeKind
+from pyvmm.layout import COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ, \
+    MAX_VIRTIO_DEVICES, MiB
+from pyvmm.machine import Bus, Machine
+
+if TYPE_CHECKING:
+    from pyvmm.console import ConsoleCapture
+    from pyvmm.devices.virtio.device import VirtioDevice
+    from pyvmm.devices.virtio.mmio import VirtioMmio
+
+PANIC_MARKER = b"Kernel panic - not syncing"
+# The built-in guest's /init prints this; the console capture time-stamps the
+# write that completes it (our boot timer: no guest change, no extra exit).
+INIT_MARKER = b"PYVMM-INIT-OK"
+
+
+class VmError(PyvmmError):
+    """The VM cannot be built as configured, or an operation on it is invalid."""
+
+
+@dataclass(frozen=True)
+class VmResult:
+    """How the VM ended: exit_code 0 means the guest rebooted or was asked to stop."""
+    exit_code: int
+    reason: str
+    outcome: Outcome | None = field(repr=False)     # every register: too long for a repr
+
+
+class LinuxVm:
+    """Builds a Machine from a VmSpec and boots Linux on it (see the module docstring)."""
+
+    def __init__(self, spec: VmSpec, console: "ConsoleCapture", *,
+                 pvm: bool | None = None) -> None:
+        """console receives the guest's serial output.  pvm: apply the KVM PVM
+        workarounds (None: when the host is KVM PVM)."""
+        spec.check_startable()
+        assert spec.boot_source is not None
+        devices = len(spec.virtio_devices())
+        if devices > MAX_VIRTIO_DEVICES:
+            raise VmError(f"{devices} virtio devices is too many: at most {MAX_VIRTIO_DEVICES}")
+        self.spec = spec
+        self.console = console
+        console.watch(INIT_MARKER)
+        machine_config = spec.machine_config
+        self._closed = False
+        self.machine = Machine(machine_config.mem_size_mib * MiB, machine_config.vcpu_count,
+                               irqchip=True, strict=False)
+        self.iothread = IoThread()
+        self.virtio: dict[str, VirtioMmio] = {}
+        self.started_at: float | None = None
+        try:
+            self.pvm = self.machine.kvm.pvm if pvm is None else pvm
+            self.cmdline = build_cmdline(spec, self.pvm)
+            self._add_legacy_devices()
+            self.fixups = pvm_host.PvmFixups(self.machine.memory)
+            if self.pvm:
+                self.machine.exit_hooks.append(self.fixups)
+            self._add_virtio_devices()
+            boot = spec.boot_source
+            self.kernel: LoadedKernel = load_linux(
+                self.machine.memory, Path(boot.kernel_image_path),
+                Path(boot.initrd_path) if boot.initrd_path else None, self.cmdline,
+                machine_config.vcpu_count)
+            setup_vcpus(self.machine.kvm, self.machine.vcpus, self.machine.memory,
+                        self.kernel.entry, hide_pvm_features=self.pvm)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- devices -----------------------------------------------------------------
+
+    def _add_legacy_devices(self) -> None:
+        vm_fd = self.machine.vm
+        self.serial = Serial(self.console.write, lambda level: vm_fd.irq_line(COM1_IRQ, level))
+        self.machine.add_device(Bus.PIO, COM1_PORT, UART_REGISTERS, self.serial, "serial")
+        self.i8042 = I8042(lambda level: vm_fd.irq_line(KEYBOARD_IRQ, level))
+        self.machine.add_device(Bus.PIO, I8042_DATA_PORT, I8042_PORTS, self.i8042, "i8042")
+
+    def _add_virtio_devices(self) -> None:
+        """Each configured virtio device, in the order (and so the MMIO window) that
+        build_cmdline announces it at."""
+        from pyvmm.devices.virtio.mmio import attach
+        for index, (name, section) in enumerate(self.spec.virtio_devices()):
+            device = _create_device(section)
+            try:
+                self.virtio[name] = attach(self.machine, self.iothread, device, index, name)
+            except BaseException:
+                device.close()
+                raise
+
+    def update_drive(self, drive_id: str, path: Path) -> None:
+        """Point a drive at another image (Firecracker's PATCH /drives/{id})."""
+        transport = self.virtio.get(f"drive:{drive_id}")
+        if transport is None:
+            raise VmError(f"there is no drive {drive_id!r}")
+        transport.device.replace_backing(path)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.iothread.start()
+        self.machine.start()
+
+    def stop(self) -> None:
+        self.machine.stop()
+
+    def pause(self) -> None:
+        self.machine.pause()
+
+    def resume(self) -> None:
+        self.machine.resume()
+
+    def wait(self, timeout: float | None = None) -> VmResult | None:
+        outcome = self.machine.wait(timeout)
+        if outcome is None:
+            return None
+        return self._result(outcome)
+
+    def _result(self, outcome: Outcome) -> VmResult:
+        if outcome.kind == OutcomeKind.DEVICE_STOP and outcome.device == "i8042":
+            history = self.console.tail()
+            if PANIC_MARKER in history:
+                hint = pvm_host.panic_hint(history) if self.pvm else ""
+                return VmResult(1, f"the guest kernel panicked{hint}", outcome)
+            return VmResult(0, "the guest rebooted", outcome)
+        if outcome.kind == OutcomeKind.STOPPED:
+            return VmResult(0, "stopped by the host", outcome)
+        if outcome.kind == OutcomeKind.SHUTDOWN:
+            return VmResult(1, f"the guest triple-faulted ({outcome.describe()})", outcome)
+        if outcome.kind == OutcomeKind.HANDLER_ERROR:
+            return VmResult(1, str(self.machine.device_error), outcome)
+        if outcome.kind == OutcomeKind.INTERNAL_ERROR and self.pvm:
+            return VmResult(1, self.fixups.explain(self.machine.vcpus[outcome.vcpu], outcome),
+                            outcome)
+        return VmResult(1, outcome.describe(), outcome)
+
+    # -- the guest's console and keyboard ----------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Bytes for the guest to read on its serial port."""
+        self.serial.feed(data)
+
+    def send_ctrl_alt_del(self) -> None:
+        """Press Ctrl-Alt-Del on the guest's keyboard (Firecracker's SendCtrlAltDel).
+
+        Linux reboots, or signals its init if that asked for it (ours syncs
+        first); either way the VM then ends through `reboot=k`."""
+        self.i8042.press_ctrl_alt_del()
+
+    # -- observing ---------------------------------------------------------------
+
+    def boot_times(self) -> dict[str, float | None]:
+        """Seconds from process start (exec) and from start() to the /init marker."""
+        seen = self.console.marker_time(INIT_MARKER)
+        if seen is None:
+            return {"exec_to_init": None, "start_to_init": None}
+        return {"exec_to_init": seen - process_start_monotonic(),
+                "start_to_init": seen - self.started_at if self.started_at else None}
+
+    def stats(self) -> dict:
+        stats = self.machine.stats()
+        stats["boot"] = self.boot_times()
+        stats["pvm_fixups"] = dict(self.fixups.counts)
+        stats["serial_tx_bytes"] = self.serial.tx_bytes
+        stats["virtio"] = {name: dict(t.device.stats, error=t.error)
+                           for name, t in self.virtio.items()}
+        return stats
+
+    def close(self) -> None:
+        """Stop the vCPUs and the I/O thread, then release the devices and KVM."""
+        if self._closed:
+            return
+        self._closed = True
+        self.machine.close()
+        self.iothread.stop()
+        for transport in self.virtio.values():
+            transport.close()
+        self.virtio = {}
+
+    def __enter__(self) -> "LinuxVm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice":
+    """The virtio device model for one section of the configuration; each device
+    module is imported only when a VM has such a device."""
+    if isinstance(section, Drive):
+        from pyvmm.devices.virtio.blk import Block
+        return Block(Path(section.path_on_host), section.is_read_only, serial=section.drive_id)
+    if isinstance(section, NetworkInterface):
+        from pyvmm.devices.virtio.net import Net, default_mac, parse_mac
+        mac = parse_mac(section.guest_mac) if section.guest_mac else \
+            default_mac(section.iface_id)
+        return Net(section.host_dev_name, mac)
+    from pyvmm.config import Entropy
+    if isinstance(section, Entropy):
+        from pyvmm.devices.virtio.rng import Rng
+        return Rng()
+    raise ConfigError(f"no virtio device for {type(section).__name__}")
+
+
+def process_start_monotonic() -> float:
+    """When this process was exec'd, on the time.monotonic() clock (10 ms steps).
+
+    /proc/self/stat's starttime counts clock ticks since boot; CLOCK_BOOTTIME
+    and CLOCK_MONOTONIC differ only by time spent suspended, zero here.
+    """
+    import os
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    start_ticks = int(fields[19])            # field 22, counted after "(comm)"
+    since_boot = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - since_boot
+
+
+__all__ = ["INIT_MARKER", "LinuxVm", "VmError", "VmResult"]
