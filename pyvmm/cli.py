@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import sys
 from pathlib import Path
@@ -193,6 +192,7 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if args.stats:
+        import json
         print(json.dumps(vm.stats, indent=1), file=sys.stderr)
     if result.exit_code:
         print(f"pyvmm: {result.reason}", file=sys.stderr)

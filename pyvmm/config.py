@@ -18,7 +18,6 @@ PATH,ro`) is the CLI's business (pyvmm.cli), not the model's.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -59,6 +58,7 @@ _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", dict: "an 
 
 
 def _describe(value: Any) -> str:
+    import json     # only for error messages: a VM that starts never needs it
     text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -478,6 +478,7 @@ class VmSpec:
         """A config file or the body of `GET /vm/config`."""
         if isinstance(body, (str, bytes)):
             try:
+                import json
                 body = json.loads(body)
             except (ValueError, RecursionError) as exc:
                 raise ConfigError(f"{where}: not valid JSON: {exc}") from None
