@@ -23,6 +23,7 @@ from pyvmm import pvm as pvm_host
 from pyvmm.boot.cmdline import build_cmdline
 from pyvmm.boot.cpu import setup_vcpus
 from pyvmm.boot.loader import LoadedKernel, load_linux
+from pyvmm.closing import Closeable
 from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec
 from pyvmm.devices.i8042 import I8042, I8042_PORTS
 from pyvmm.devices.iothread import IoThread
@@ -56,7 +57,7 @@ class VmResult:
     outcome: Outcome | None = field(repr=False)     # every register: too long for a repr
 
 
-class LinuxVm:
+class LinuxVm(Closeable):
     """Builds a Machine from a VmSpec and boots Linux on it (see the module docstring)."""
 
     def __init__(self, spec: VmSpec, console: "ConsoleCapture", *,
@@ -207,12 +208,6 @@ class LinuxVm:
         for transport in self.virtio.values():
             transport.close()
         self.virtio = {}
-
-    def __enter__(self) -> "LinuxVm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice":

@@ -576,24 +576,12 @@ class VmSpec:
         spec = cls(boot_source=BootSource.from_json(boot))
         spec.machine_config = MachineConfig.from_json({"vcpu_count": vcpus,
                                                        "mem_size_mib": mem_mib})
-        for index, drive in enumerate(drives):
-            if isinstance(drive, dict):
-                drive = Drive.from_json(drive, f"drives[{index}]")
-            elif not isinstance(drive, Drive):
-                raise ConfigError(f"drives[{index}]: expected a Drive or a dict, not "
-                                  f"{_describe_python(drive)}")
-            if drive.drive_id in spec.drives:
-                raise ConfigError(f"drives[{index}]: duplicate drive_id {drive.drive_id!r}")
-            spec.put_drive(drive)
-        for index, net in enumerate(nets):
-            if isinstance(net, dict):
-                net = NetworkInterface.from_json(net, f"network-interfaces[{index}]")
-            elif not isinstance(net, NetworkInterface):
-                raise ConfigError(f"nets[{index}]: expected a NetworkInterface or a dict, not "
-                                  f"{_describe_python(net)}")
-            if net.iface_id in spec.network_interfaces:
-                raise ConfigError(f"nets[{index}]: duplicate iface_id {net.iface_id!r}")
-            spec.put_network_interface(net)
+        for index, item in enumerate(drives):
+            spec.put_drive(_section(Drive, item, f"drives[{index}]", spec.drives))
+        for index, item in enumerate(nets):
+            spec.put_network_interface(_section(NetworkInterface, item,
+                                                f"network-interfaces[{index}]",
+                                                spec.network_interfaces))
         if rng:
             spec.entropy = Entropy()
         if serial_out_path is not None:
@@ -628,8 +616,17 @@ class VmSpec:
         return DEFAULT_BOOT_ARGS if args is None else args
 
 
-def _describe_python(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:60]
+def _section(kind: type, item: Any, where: str, existing: dict[str, Any]) -> Any:
+    """A Drive or NetworkInterface given to VmSpec.build as itself or as its JSON."""
+    if isinstance(item, dict):
+        item = kind.from_json(item, where)
+    elif not isinstance(item, kind):
+        raise ConfigError(f"{where}: expected a {kind.__name__} or a dict, not "
+                          f"{type(item).__name__} {item!r}"[:200])
+    ident = item.drive_id if kind is Drive else item.iface_id
+    if ident in existing:
+        raise ConfigError(f"{where}: duplicate id {ident!r}")
+    return item
 
 
 __all__ = ["BootSource", "ConfigError", "Drive", "Entropy", "Logger", "MachineConfig",

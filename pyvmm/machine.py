@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from pyvmm.closing import Closeable
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Kvm, Outcome, OutcomeKind, VcpuFd, VmFd, ffi, lib
 from pyvmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
@@ -85,7 +86,7 @@ def pv_py_io(opaque: Any, offset: int, data: Any, length: int, is_write: int) ->
 ExitHook = Callable[[VcpuFd, Outcome], bool]
 
 
-class Machine:
+class Machine(Closeable):
     """A VM with RAM, buses and vCPUs, but no firmware: callers load the guest."""
 
     def __init__(self, mem_size: int = 128 << 20, vcpus: int = 1, *, irqchip: bool = True,
@@ -320,8 +321,3 @@ class Machine:
         if self._owns_kvm:
             self.kvm.close()
 
-    def __enter__(self) -> "Machine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from pyvmm.closing import Closeable
 from pyvmm.config import ConfigError, Logger, Metrics, VmSpec
 from pyvmm.console import ConsoleCapture, ConsoleSink, SerialConsole
 from pyvmm.errors import PyvmmError
@@ -69,7 +70,7 @@ SECTIONS: dict[str, Callable[[VmSpec, Any], None]] = {
 
 # -- the microVM ---------------------------------------------------------------------
 
-class MicroVM:
+class MicroVM(Closeable):
     """A microVM: configured (kwargs or config JSON), then started, paused, resumed,
     stopped; `serial` is its console, `stats` its counters.  Use it as a context
     manager, or call close(): the VM is stopped and every resource released."""
@@ -272,24 +273,24 @@ class MicroVM:
 
     def pause(self) -> None:
         """Stop every vCPU where it is; the guest's clock stops with it."""
-        with self._lock:
-            vm = self._running_vm()
-            if self._state == PAUSED:
-                return
-            vm.pause()
-            if self._state == RUNNING:        # the VM may have ended meanwhile
-                self._state = PAUSED
-            log.info("microVM %s paused", self.vm_id)
+        self._pause_or_resume(pause=True)
 
     def resume(self) -> None:
+        self._pause_or_resume(pause=False)
+
+    def _pause_or_resume(self, pause: bool) -> None:
+        before, after = (RUNNING, PAUSED) if pause else (PAUSED, RUNNING)
         with self._lock:
             vm = self._running_vm()
-            if self._state == RUNNING:
+            if self._state == after:
                 return
-            vm.resume()
-            if self._state == PAUSED:
-                self._state = RUNNING
-            log.info("microVM %s resumed", self.vm_id)
+            if pause:
+                vm.pause()
+            else:
+                vm.resume()
+            if self._state == before:         # the VM may have ended meanwhile
+                self._state = after
+            log.info("microVM %s %s", self.vm_id, "paused" if pause else "resumed")
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
@@ -354,11 +355,6 @@ class MicroVM:
             self._log_handler.close()
             self._log_handler = None
 
-    def __enter__(self) -> "MicroVM":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<MicroVM {self.vm_id} {self.state}>"

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from pyvmm.closing import Closeable
 from pyvmm.devices.debug import DebugCon, DebugExit
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Outcome, VcpuFd
@@ -117,7 +118,7 @@ def assemble(source: str, mode: Mode, origin: int | None = None) -> bytes:
     return data
 
 
-class TinyVm:
+class TinyVm(Closeable):
     """A Machine with a debug console (port 0xe9) and a debug-exit port (0xf4)."""
 
     def __init__(self, mode: Mode = Mode.LONG_RING0, mem_size: int = 4 * MiB, vcpus: int = 1,
@@ -215,12 +216,6 @@ class TinyVm:
 
     def close(self) -> None:
         self.machine.close()
-
-    def __enter__(self) -> "TinyVm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _set_segment(seg, fields: dict[str, int]) -> None:

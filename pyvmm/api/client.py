@@ -6,6 +6,8 @@ import json
 import socket
 from typing import Any
 
+from pyvmm.closing import Closeable
+
 
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
@@ -19,7 +21,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class ApiClient:
+class ApiClient(Closeable):
     """client.request("PUT", "/actions", {"action_type": "InstanceStart"}) -> (status, body)
     where body is the decoded JSON (None when empty).  One persistent connection."""
 
@@ -62,8 +64,3 @@ class ApiClient:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "ApiClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -5,6 +5,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from pyvmm.closing import Closeable
 from pyvmm.errors import PyvmmError
 from pyvmm.pvm import is_pvm_host
 from pyvmm.kvm.ioctl import KvmError, ffi, ioctl_int, ioctl_struct, lib
@@ -49,7 +50,7 @@ REQUIRED_CAPABILITIES: tuple[Capability, ...] = (
 )
 
 
-class Kvm:
+class Kvm(Closeable):
     """The /dev/kvm system fd."""
 
     def __init__(self, path: str = KVM_PATH) -> None:
@@ -127,12 +128,6 @@ class Kvm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Kvm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")

@@ -45,20 +45,13 @@ class ExitReason(enum.IntEnum):
             return f"EXIT_{value}"
 
 
-class OutcomeKind(enum.IntEnum):
-    """Why the C run loop handed a vCPU back to Python (PV_OUT_* in csrc/pyvmm.h)."""
-    HALT = lib.PV_OUT_HALT
-    SHUTDOWN = lib.PV_OUT_SHUTDOWN
-    SYSTEM_EVENT = lib.PV_OUT_SYSTEM_EVENT
-    INTERNAL_ERROR = lib.PV_OUT_INTERNAL_ERROR
-    FAIL_ENTRY = lib.PV_OUT_FAIL_ENTRY
-    STOPPED = lib.PV_OUT_STOPPED
-    DEVICE_STOP = lib.PV_OUT_DEVICE_STOP
-    HANDLER_ERROR = lib.PV_OUT_HANDLER_ERROR
-    UNHANDLED_PIO = lib.PV_OUT_UNHANDLED_PIO
-    UNHANDLED_MMIO = lib.PV_OUT_UNHANDLED_MMIO
-    UNKNOWN_EXIT = lib.PV_OUT_UNKNOWN_EXIT
-    RUN_ERROR = lib.PV_OUT_RUN_ERROR
+# Why the C run loop handed a vCPU back to Python: each member is the PV_OUT_*
+# constant of the same name in csrc/pyvmm.h.
+OUTCOME_NAMES = ("HALT", "SHUTDOWN", "SYSTEM_EVENT", "INTERNAL_ERROR", "FAIL_ENTRY", "STOPPED",
+                 "DEVICE_STOP", "HANDLER_ERROR", "UNHANDLED_PIO", "UNHANDLED_MMIO",
+                 "UNKNOWN_EXIT", "RUN_ERROR")
+OutcomeKind = enum.IntEnum("OutcomeKind",
+                           [(name, getattr(lib, f"PV_OUT_{name}")) for name in OUTCOME_NAMES])
 
 
 class SystemEvent(enum.IntEnum):
