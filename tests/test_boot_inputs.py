@@ -3,21 +3,19 @@ sentence, never a traceback and never a write outside guest RAM."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from images import make_bzimage, make_elf
-from pyvmm.boot.bzimage import parse_bzimage
+from pyvmm.boot.bzimage import STARTUP_64_OFFSET, parse_bzimage
 from pyvmm.boot.errors import BootError
-from pyvmm.layout import CMDLINE_START, HIMEM_START, ZERO_PAGE_START
-from pyvmm.boot.loader import load_linux
+from pyvmm.boot.loader import LoadedKernel, load_linux
 from pyvmm.boot.mptable import build_mptable
-from pyvmm.boot.pvh import parse_pvh_elf
+from pyvmm.layout import CMDLINE_START, HIMEM_START, PVH_INFO_START, ZERO_PAGE_START
 from pyvmm.memory import MiB, GuestMemory
+from tests.framework.images import make_bzimage, make_elf
+from tests.framework.process import run_pyvmm
 
 
 @pytest.fixture()
@@ -112,30 +110,80 @@ def test_missing_initrd(tmp_path, memory):
         load_linux(memory, _write(tmp_path, "bz", make_bzimage()), tmp_path / "nope", "", 1)
 
 
+FUZZ_CMDLINE = "console=ttyS0"
+FUZZ_INITRD = b"INITRD" * 1000
+
+
+def assert_loaded_inside_guest_ram(memory: GuestMemory, loaded: LoadedKernel) -> None:
+    """What a load that succeeded must have done: its entry point and every range it
+    wrote (the kernel, the initrd, the command line, the zero page or PVH start
+    info) lie inside guest RAM, and the boot structures point at them."""
+    assert memory.contains(loaded.entry.rip, 1), f"entry {loaded.entry.rip:#x} outside RAM"
+    assert HIMEM_START < loaded.kernel_end and \
+        memory.contains(HIMEM_START, loaded.kernel_end - HIMEM_START), loaded
+    assert loaded.initrd_size == len(FUZZ_INITRD) and loaded.initrd_addr >= loaded.kernel_end
+    assert memory.contains(loaded.initrd_addr, loaded.initrd_size), loaded
+    assert memory.read(loaded.initrd_addr, len(FUZZ_INITRD)) == FUZZ_INITRD
+    assert loaded.cmdline == FUZZ_CMDLINE.encode() + b"\0"
+    assert memory.read(CMDLINE_START, len(loaded.cmdline)) == loaded.cmdline
+    if loaded.format == "bzImage":
+        assert loaded.entry.rip == HIMEM_START + STARTUP_64_OFFSET == HIMEM_START + 0x200
+        assert not loaded.entry.pvh
+        assert memory.contains(ZERO_PAGE_START, 4096)
+        assert memory.read_int(ZERO_PAGE_START + 0x228, 4) == CMDLINE_START
+        assert memory.read_int(ZERO_PAGE_START + 0x218, 4) == loaded.initrd_addr
+        assert memory.read_int(ZERO_PAGE_START + 0x21C, 4) == loaded.initrd_size
+    else:
+        assert loaded.format == "pvh" and loaded.entry.pvh
+        assert memory.contains(PVH_INFO_START, 56)
+        assert memory.read_int(PVH_INFO_START, 4) == 0x336EC578         # hvm_start_info magic
+        assert memory.read_int(PVH_INFO_START + 24, 8) == CMDLINE_START
+
+
+def assert_refused_clearly(error: BootError, path) -> None:
+    """What a refusal must say: one sentence that names the file or what in it is wrong."""
+    message = str(error)
+    assert message.strip() and "\n" not in message, repr(message)
+    assert str(path) in message or any(
+        word in message for word in ("kernel", "initrd", "command line")), message
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(corruptions=st.lists(st.tuples(st.integers(0, 0x270), st.integers(0, 255)), max_size=12),
        cut=st.integers(0, 70_000))
-def test_corrupted_bzimage_headers_never_escape_guest_ram(tmp_path, memory, corruptions, cut):
+def test_corrupted_bzimage_headers_are_refused_or_loaded_inside_guest_ram(
+        tmp_path, memory, corruptions, cut):
     data = bytearray(make_bzimage())
     for offset, value in corruptions:
         data[offset] = value
     path = _write(tmp_path, "fuzz", bytes(data[:len(data) - cut]))
+    initrd = _write(tmp_path, "initrd", FUZZ_INITRD)
     try:
-        load_linux(memory, path, None, "console=ttyS0", 1)
-    except BootError:
-        pass                          # refused with a message: fine
+        loaded = load_linux(memory, path, initrd, FUZZ_CMDLINE, 1)
+    except BootError as error:
+        assert_refused_clearly(error, path)
+    else:
+        assert_loaded_inside_guest_ram(memory, loaded)
 
 
+# The PVH entry point is the last four bytes of make_elf()'s image: one that points
+# past guest RAM (here 0x7f000000) must be refused, not handed to the vCPU.
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(corruptions=st.lists(st.tuples(st.integers(0, 240), st.integers(0, 255)), max_size=12))
-def test_corrupted_elf_headers_are_refused_or_loaded(corruptions):
+@example(corruptions=[(len(make_elf(with_pvh_note=True)) - 1, 0x7F)])
+def test_corrupted_elf_headers_are_refused_or_loaded_inside_guest_ram(tmp_path, memory,
+                                                                      corruptions):
     data = bytearray(make_elf(with_pvh_note=True))
     for offset, value in corruptions:
         data[offset % len(data)] = value
+    path = _write(tmp_path, "fuzz.elf", bytes(data))
+    initrd = _write(tmp_path, "initrd", FUZZ_INITRD)
     try:
-        parse_pvh_elf(bytes(data))
-    except BootError:
-        pass
+        loaded = load_linux(memory, path, initrd, FUZZ_CMDLINE, 1)
+    except BootError as error:
+        assert_refused_clearly(error, path)
+    else:
+        assert_loaded_inside_guest_ram(memory, loaded)
 
 
 CLI_CASES = {
@@ -157,8 +205,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, case):
     (tmp_path / "bz").write_bytes(make_bzimage())
     names = {"tmp": tmp_path, "empty": tmp_path / "empty", "bz": tmp_path / "bz"}
     argv = [a.format(**names) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--console", "none", *argv],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = run_pyvmm("run", "--console", "none", *argv, timeout=60)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr

@@ -4,13 +4,15 @@ file, and every mistake is one line on stderr with status 2, no traceback.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import signal
+import socket
+import time
 
 import pytest
 
 from pyvmm.cli import _build_parser, spec_from_args
 from pyvmm.config import DEFAULT_BOOT_ARGS
+from tests.framework.process import run_pyvmm as pyvmm
 
 
 @pytest.fixture
@@ -19,11 +21,6 @@ def files(tmp_path):
     (tmp_path / "initrd").write_bytes(b"initrd")
     (tmp_path / "root.img").write_bytes(bytes(8192))
     return tmp_path
-
-
-def pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def test_run_flags_build_the_config_file_model(files):
@@ -78,7 +75,6 @@ def test_cli_mistakes_are_one_line(files, args, words):
 
 
 def test_api_refuses_a_socket_path_that_is_in_use(files):
-    import socket
     path = files / "api.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
         live.bind(str(path))
@@ -90,29 +86,18 @@ def test_api_refuses_a_socket_path_that_is_in_use(files):
     assert result.returncode == 2 and "not a socket" in result.stderr
 
 
-def test_api_process_stops_on_sigterm_and_removes_its_socket(files):
-    import signal
-    import time
+def test_api_process_stops_on_sigterm_and_removes_its_socket(files, spawn_pyvmm):
     path = files / "api.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "api", "--api-sock", str(path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while not path.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) != 0
-        assert not path.exists()
-        assert "Traceback" not in proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    proc = spawn_pyvmm("api", "--api-sock", str(path), stdin=False)
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert time.monotonic() < deadline and proc.returncode is None
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) != 0
+    assert not path.exists()
+    assert "Traceback" not in proc.stderr()
 
 
 def test_help_lists_the_new_flags():

@@ -4,7 +4,6 @@ tiny guest that echoes its serial console (no Linux: a second per test)."""
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 
@@ -13,44 +12,14 @@ import pytest
 from pyvmm.config import ConfigError, VmSpec
 from pyvmm.microvm import BEFORE_START, MicroVM, MicroVMError
 
-# A PVH kernel in 32-bit protected mode that echoes COM1: it polls LSR for a
-# received byte, writes it back to THR, and on '!' pulses the i8042 reset line
-# (the VM ends as when Linux reboots: exit code 0).
-ECHO_CODE = bytes.fromhex(
-    "66bafd03" "ec" "a801" "74f7"       # poll: mov $0x3fd,%dx; in; test $1,%al; jz poll
-    "66baf803" "ec" "3c21" "7403"       # mov $0x3f8,%dx; in; cmp $'!',%al; je reset
-    "ee" "ebeb"                          # out %al,%dx; jmp poll
-    "b0fe" "e664" "f4")                  # reset: mov $0xfe,%al; out %al,$0x64; hlt
-
-
-def write_echo_guest(path) -> str:
-    """An ELF with one PT_LOAD at 16 MiB and the Xen PVH entry note."""
-    entry = 0x1000000
-    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", entry)
-    data_off = 64 + 56 * 2
-    header = bytearray(64)
-    header[:16] = b"\x7fELF\x02\x01\x01" + bytes(9)
-    struct.pack_into("<HHIQQQIHHHHHH", header, 16, 2, 62, 1, entry, 64, 0, 0, 64, 56, 2, 0, 0, 0)
-    phdrs = struct.pack("<IIQQQQQQ", 1, 5, data_off, entry, entry, len(ECHO_CODE),
-                        len(ECHO_CODE), 0x1000)
-    phdrs += struct.pack("<IIQQQQQQ", 4, 4, data_off + len(ECHO_CODE), 0, 0, len(note),
-                         len(note), 4)
-    path.write_bytes(bytes(header) + phdrs + ECHO_CODE + note)
-    return str(path)
-
-
-@pytest.fixture
-def echo_kernel(tmp_path):
-    return write_echo_guest(tmp_path / "echo.elf")
-
-
 # -- without KVM -----------------------------------------------------------------------------
 
 def test_kwargs_and_config_json_build_the_same_model(tmp_path, echo_kernel):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
     vm = MicroVM(kernel=echo_kernel, cmdline="quiet", vcpus=2, mem_mib=64,
-                 drives=[f"{disk},ro,root,id=rootfs"], rng=True)
+                 drives=[{"drive_id": "rootfs", "path_on_host": str(disk),
+                          "is_root_device": True, "is_read_only": True}], rng=True)
     config = vm.config_json()
     assert config["boot-source"]["boot_args"].endswith(" quiet")
     assert config["drives"] == [{"drive_id": "rootfs", "path_on_host": str(disk),
@@ -77,17 +46,31 @@ def test_the_built_in_guest_is_the_default_kernel(monkeypatch, tmp_path, echo_ke
         assert boot["kernel_image_path"] == boot["initrd_path"] == echo_kernel
 
 
+DRIVE = {"drive_id": "d0", "path_on_host": "{disk}", "is_root_device": False,
+         "is_read_only": False}
+
+
+def _with_disk(value, disk):
+    if isinstance(value, dict):
+        return {k: v.format(disk=disk) if isinstance(v, str) else v for k, v in value.items()}
+    return value.format(disk=disk)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"vcpus": 0}, "out of range"), ({"mem_mib": 4}, "out of range"),
-    ({"vcpus": "2"}, "must be an integer"), ({"drives": ["/nonexistent"]}, "does not exist"),
-    ({"drives": ["{disk},rw"]}, "unknown option"), ({"nets": ["tap0"]}, "bad option"),
+    ({"vcpus": "2"}, "must be an integer"),
+    ({"drives": [{**DRIVE, "path_on_host": "/nonexistent"}]}, "does not exist"),
+    ({"drives": [{**DRIVE, "rw": True}]}, "unknown field 'rw'"),
+    ({"drives": ["{disk},ro"]}, "expected a Drive or a dict"),
+    ({"nets": [{"iface_id": "eth0"}]}, "missing field 'host_dev_name'"),
+    ({"nets": ["tap0"]}, "expected a NetworkInterface or a dict"),
     ({"cmdline": "a", "boot_args": "b"}, "not both"), ({"console": "tty"}, "bad --console"),
     ({"vm_id": "a b"}, "instance id"),
 ])
 def test_bad_keyword_arguments_are_refused_clearly(tmp_path, echo_kernel, kwargs, words):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
-    kwargs = {k: [x.format(disk=disk) for x in v] if isinstance(v, list) else v
+    kwargs = {k: [_with_disk(x, disk) for x in v] if isinstance(v, list) else v
               for k, v in kwargs.items()}
     with pytest.raises((MicroVMError, ConfigError), match=words):
         MicroVM(kernel=echo_kernel, **kwargs)
@@ -123,10 +106,10 @@ def test_lifecycle_serial_pause_resume_and_reboot(echo_kernel):
         assert vm.serial.expect(r"hel+o", timeout=30).group() == b"hello"
         vm.pause()
         assert vm.state == "Paused"
-        end = vm.serial.transcript.end
+        end = vm.serial.capture.end
         vm.serial.write(b"typed while paused\n")
         time.sleep(0.5)
-        assert vm.serial.transcript.end == end, "a paused vCPU echoed input"
+        assert vm.serial.capture.end == end, "a paused vCPU echoed input"
         vm.resume()
         assert vm.state == "Running"
         vm.serial.expect(b"typed while paused\n", timeout=30)

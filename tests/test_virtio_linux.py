@@ -12,16 +12,14 @@ import time
 
 import pytest
 
-from netns import GUEST_IP, HOST_IP, NetNamespace
-from linux_guest import BOOT_TIMEOUT, INIT_MARKER, run_in_shell
-from pyvmm.vmm import DriveConfig, LinuxVm, NetConfig, VmConfig
+from tests.framework.microvm import run_in_shell
+from tests.framework.netns import GUEST_IP, HOST_IP
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
 MAC = "06:00:ac:1e:00:02"
 PATTERN_BYTES = 1 << 20
 TCP_BYTES = 256 * 1024
-NS_NAME = f"pyvmm-test-{os.getpid()}"
 # Everything in the guest kernel is emulated on KVM PVM hosts: file system and
 # block work take minutes there.
 SLOW = 900
@@ -44,31 +42,23 @@ def disks(tmp_path_factory):
             "ro_sha": hashlib.sha256(ro.read_bytes()).hexdigest()}
 
 
-@pytest.fixture(scope="module")
-def netns():
-    ns = NetNamespace(NS_NAME)
-    yield ns
-    ns.delete()
+def drive(drive_id: str, path, read_only: bool = False) -> dict:
+    return {"drive_id": drive_id, "path_on_host": str(path), "is_root_device": False,
+            "is_read_only": read_only}
 
 
 @pytest.fixture(scope="module")
-def vm(guest, disks, netns):
-    config = VmConfig(kernel=guest.vmlinux, initrd=guest.initramfs, mem_mib=256,
-                      console="none", entropy=True,
-                      drives=[DriveConfig("ext4", disks["ext4"]),
-                              DriveConfig("raw", disks["raw"]),
-                              DriveConfig("ro", disks["ro"], read_only=True)],
-                      nets=[NetConfig("eth0", netns.tap, MAC)])
-    with netns.entered():                  # the TAP lives in the test's namespace
-        machine = LinuxVm(config)
-    machine.start()
-    assert machine.wait_for_output(INIT_MARKER, BOOT_TIMEOUT), \
-        machine.console.history[-3000:].decode(errors="replace")
+def vm(guest, disks, netns, module_microvm_factory):
+    """The built-in guest with three disks, a NIC on the TAP in the test's namespace
+    (netns, conftest.py) and an entropy device, eth0 up."""
+    machine = module_microvm_factory.boot(
+        mem_mib=256, rng=True,
+        drives=[drive("ext4", disks["ext4"]), drive("raw", disks["raw"]),
+                drive("ro", disks["ro"], read_only=True)],
+        nets=[{"iface_id": "eth0", "host_dev_name": netns.tap, "guest_mac": MAC}],
+        netns=netns)                       # the TAP lives in the test's namespace
     run_in_shell(machine, f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up")
-    yield machine
-    machine.stop()
-    machine.wait(30)
-    machine.close()
+    return machine
 
 
 def test_the_guest_sees_three_disks_with_their_sizes(vm, disks):
@@ -102,7 +92,7 @@ def test_hwrng_gives_random_bytes(vm):
     out = run_in_shell(vm, "head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'; echo")
     hexdigits = re.search(r"[0-9a-f]{64}", out)
     assert hexdigits and hexdigits.group(0) != "0" * 64
-    assert vm.stats()["virtio"]["entropy"]["bytes_read"] >= 32
+    assert vm.stats["virtio"]["entropy"]["bytes_read"] >= 32
 
 
 def test_the_mac_set_on_the_host_is_the_guests(vm):
@@ -122,8 +112,8 @@ def test_tcp_host_to_guest_and_back_checksummed(vm, netns):
     # host -> guest: the guest listens, the host connects and sends.  The job's
     # stdin is /dev/null: a background job that reads the console tty is
     # stopped by SIGTTIN, and the file would end wherever that happened.
-    vm.send(b"nc -l -p 5001 < /dev/null > /tmp/in & echo LISTEN-$((1+1))\n")
-    assert vm.console.wait_for(lambda out: b"LISTEN-2" in out, 60)
+    vm.serial.write("nc -l -p 5001 < /dev/null > /tmp/in & echo LISTEN-$((1+1))\n")
+    vm.serial.expect(b"LISTEN-2", timeout=60)
     time.sleep(1)
     sender = netns.python(f"""
 import socket, sys, time
@@ -157,12 +147,12 @@ c.close(); print(len(data), hashlib.sha256(data).hexdigest())
     run_in_shell(vm, f"nc {HOST_IP} 5002 < /tmp/in", timeout=SLOW)
     got, _ = receiver.communicate(timeout=300)
     assert got.split() == [str(TCP_BYTES), digest]
-    stats = vm.stats()["virtio"]["net:eth0"]
+    stats = vm.stats["virtio"]["net:eth0"]
     assert stats["rx_packets"] > 0 and stats["tx_packets"] > 0 and stats["error"] is None
 
 
 def test_after_shutdown_the_host_reads_what_the_guest_wrote(vm, disks):
-    vm.send(b"exit\n")
+    vm.serial.write("exit\n")
     result = vm.wait(120)
     assert result is not None and result.exit_code == 0, result
     raw = disks["raw"].read_bytes()

@@ -1,5 +1,9 @@
-"""A network namespace of the test's own, with a TAP device and the host end
-of the guest's link in it.  All traffic stays inside the namespace."""
+"""A network namespace of our own, with a TAP device and the host end of the
+guest's link in it.  All traffic stays inside the namespace.
+
+A VMM opens the TAP from inside: a MicroVM by starting in `entered()`, a
+process by being started through `wrap()` (`ip netns exec`).  The tests and
+the benchmarks use different addresses, so both can run at once."""
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +27,16 @@ def _setns(fd: int) -> None:
 
 
 class NetNamespace:
-    def __init__(self, name: str, tap: str = "tap0") -> None:
-        self.name = name
-        self.tap = tap
+    def __init__(self, name: str, tap: str = "tap0", host_ip: str = HOST_IP,
+                 guest_ip: str = GUEST_IP, prefix: int = PREFIX) -> None:
+        self.name, self.tap = name, tap
+        self.host_ip, self.guest_ip, self.prefix = host_ip, guest_ip, prefix
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
         for cmd in (["ip", "netns", "add", name],
-                    *(["ip", "netns", "exec", name, *c] for c in (
+                    *(self.wrap(c) for c in (
                         ["ip", "link", "set", "lo", "up"],
                         ["ip", "tuntap", "add", tap, "mode", "tap"],
-                        ["ip", "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", tap],
+                        ["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", tap],
                         ["ip", "link", "set", tap, "up"]))):
             subprocess.run(cmd, check=True, capture_output=True)
 
@@ -48,13 +53,16 @@ class NetNamespace:
             os.close(home)
             os.close(target)
 
-    def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.name, *args], **kwargs)
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
 
-    def python(self, code: str, **kwargs) -> subprocess.Popen:
+    def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.wrap(list(args)), **kwargs)
+
+    def python(self, code: str, *args: str, **kwargs) -> subprocess.Popen:
         """A Python process inside the namespace (a TCP peer of the guest)."""
-        return subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, "-c", code],
-                                **kwargs)
+        return subprocess.Popen(self.wrap([sys.executable, "-c", code, *args]), **kwargs)
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
