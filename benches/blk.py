@@ -37,16 +37,13 @@ VMMS = ("pyvmm", "qemu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("blk and net (Linux guests)")
-    group.add_argument("--io-reps", type=int, default=1,
-                       help="boots per VMM for blk and net (default 1: minutes each on KVM PVM)")
-    group.add_argument("--blk-seq-mib", type=int, default=8,
-                       help="MiB written then read sequentially (default 8)")
-    group.add_argument("--blk-rand-seconds", type=float, default=10.0,
-                       help="seconds of 4 KiB random reads (default 10)")
-    group.add_argument("--blk-disk-mib", type=int, default=64, help="image size (default 64)")
-    group.add_argument("--io-timeout", type=float, default=TIMEOUT,
-                       help=f"seconds before a blk/net VM is killed (default {TIMEOUT:.0f})")
+    harness.add_options(parser, "blk and net (Linux guests)", [
+        ("--io-reps", int, 1, "boots per VMM for blk and net (default 1: minutes each on KVM PVM)"),
+        ("--blk-seq-mib", int, 8, "MiB written then read sequentially (default 8)"),
+        ("--blk-rand-seconds", float, 10.0, "seconds of 4 KiB random reads (default 10)"),
+        ("--blk-disk-mib", int, 64, "image size (default 64)"),
+        ("--io-timeout", float, TIMEOUT,
+         f"seconds before a blk/net VM is killed (default {TIMEOUT:.0f})")])
 
 
 def disk_image(mib: int) -> Path:
@@ -113,6 +110,22 @@ def summarize(samples: dict[str, list[dict]], metrics,
     return summary, rows
 
 
+def report(name: str, label: str, samples: dict[str, list[dict]], metrics, facts: dict,
+           qemu: dict, args: argparse.Namespace, guest, initrd: Path, full_cmdline: str,
+           params: dict, goal: str, qemu_setting: tuple[str, str],
+           fmt: str = ".1f") -> dict[str, Any]:
+    """The table and the JSON record of a Linux I/O benchmark (blk, net): params are
+    the benchmark's own, between the repetitions and memory and the guest."""
+    summary, rows = summarize(samples, metrics, fmt=fmt)
+    print()
+    print(harness.format_table([label, "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
+    return vmms.write_comparison(
+        name, facts, qemu,
+        params={"reps": args.io_reps, "mem_mib": MEM_MIB, **params, "initrd": str(initrd),
+                "kernel": str(guest.vmlinux), "pyvmm_cmdline": full_cmdline},
+        goal=goal, summary=summary, extra_qemu_settings=[qemu_setting], samples=samples)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     qemu = vmms.ensure_qemu()
     vmms.warm_bytecode()
@@ -135,21 +148,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             samples[vmm].append(sample)
             print(f"  rep {rep + 1} {vmm:6s} boot {sample['boot_s']} s  "
                   f"{sample['results'] or sample.get('console_tail', '')[-1500:]}", flush=True)
-    summary, rows = summarize(samples, METRICS)
-    print()
-    print(harness.format_table(["virtio-blk", "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
-    return vmms.write_comparison(
-        "blk", facts, qemu,
-        params={"reps": args.io_reps, "mem_mib": MEM_MIB, "image": str(image),
-                "image_mib": args.blk_disk_mib, "seq_mib": args.blk_seq_mib,
-                "rand_seconds": args.blk_rand_seconds, "initrd": str(initrd),
-                "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
-        goal=f"pyvmm >= {GOAL}x QEMU on each", summary=summary,
-        extra_qemu_settings=[("-drive file=IMG,format=raw,if=none,cache=none,aio=threads "
-                              "-device virtio-blk-device",
-                              "the disk; cache=none is O_DIRECT on the host")],
-        samples=samples)
-
+    return report("blk", "virtio-blk", samples, METRICS, facts, qemu, args, guest, initrd, full,
+                  {"image": str(image), "image_mib": args.blk_disk_mib,
+                   "seq_mib": args.blk_seq_mib, "rand_seconds": args.blk_rand_seconds},
+                  goal=f"pyvmm >= {GOAL}x QEMU on each",
+                  qemu_setting=("-drive file=IMG,format=raw,if=none,cache=none,aio=threads "
+                                "-device virtio-blk-device",
+                                "the disk; cache=none is O_DIRECT on the host"))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

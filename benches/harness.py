@@ -6,6 +6,7 @@ against a baseline measured in the same run, rather than absolute numbers.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -101,6 +102,14 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def add_options(parser: argparse.ArgumentParser, title: str,
+                options: Sequence[tuple[str, type, Any, str]]) -> None:
+    """A benchmark's own options, as (flag, type, default, help), in a group titled title."""
+    group = parser.add_argument_group(title)
+    for flag, kind, default, text in options:
+        group.add_argument(flag, type=kind, default=default, help=text)
 
 
 def compile_c(source: Path, extra_flags: Sequence[str] = ()) -> Path:

@@ -64,14 +64,11 @@ def read_smaps(pid: int, guest_kib: int) -> dict[str, Any]:
 
 
 def measure(argv: list[str], mem_mib: int, settle: float) -> dict[str, Any]:
-    vmm = vmms.Vmm(argv, [b"X"])
-    try:
+    with vmms.spawn(argv, [b"X"]) as vmm:
         if vmm.wait_marker(b"X", 60) is None:
             raise RuntimeError(f"no guest output from {argv}")
         time.sleep(settle)
-        return read_smaps(vmm.proc.pid, mem_mib * 1024)
-    finally:
-        vmm.finish()
+        return read_smaps(vmm.pid, mem_mib * 1024)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from typing import Any
 
 from benches import blk, harness, vmms
@@ -68,11 +67,9 @@ print("PEER-RESULT " + json.dumps(out), flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("net")
-    group.add_argument("--net-mib", type=int, default=8,
-                       help="MiB sent each way (default 8)")
-    group.add_argument("--net-seconds", type=float, default=60.0,
-                       help="at most this long each way (default 60)")
+    harness.add_options(parser, "net", [
+        ("--net-mib", int, 8, "MiB sent each way (default 8)"),
+        ("--net-seconds", float, 60.0, "at most this long each way (default 60)")])
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,8 +77,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     vmms.warm_bytecode()
     guest = vmms.builtin_guest()
     initrd = vmms.initramfs_with_tool(guest.initramfs)
-    ns = vmms.NetNs(f"pyvmm-bench-{os.getpid()}")
-    cmd = (f'pyvmm.cmd="/bin/benchtool net eth0 {ns.GUEST_IP} {ns.HOST_IP} {args.net_mib} '
+    ns = vmms.bench_netns(f"pyvmm-bench-{os.getpid()}")
+    cmd = (f'pyvmm.cmd="/bin/benchtool net eth0 {ns.guest_ip} {ns.host_ip} {args.net_mib} '
            f'{args.net_seconds}"')
     full = vmms.pyvmm_full_cmdline(guest.vmlinux, initrd, cmd, blk.MEM_MIB)
     facts = harness.machine_facts()
@@ -93,9 +90,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for rep in range(args.io_reps):
             for vmm in harness.rotated(blk.VMMS, rep):
-                peer = subprocess.Popen(ns.wrap([sys.executable, "-c", PEER, ns.HOST_IP,
-                                                 str(args.net_mib), str(args.net_seconds)]),
-                                        stdout=subprocess.PIPE, text=True)
+                peer = ns.python(PEER, ns.host_ip, str(args.net_mib), str(args.net_seconds),
+                                 stdout=subprocess.PIPE, text=True)
                 assert peer.stdout.readline().strip() == "PEER-READY"
                 try:
                     sample = blk.run_io_guest(vmm, guest, initrd, cmd, full,
@@ -122,20 +118,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       f"{sample.get('peer')}", flush=True)
     finally:
         ns.delete()
-    summary, rows = blk.summarize(samples, METRICS, fmt=".3f")
-    print()
-    print(harness.format_table(["virtio-net", "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
-    return vmms.write_comparison(
-        "net", facts, qemu,
-        params={"reps": args.io_reps, "mem_mib": blk.MEM_MIB, "mib": args.net_mib,
-                "seconds": args.net_seconds, "initrd": str(initrd),
-                "kernel": str(guest.vmlinux), "pyvmm_cmdline": full},
-        goal=f"pyvmm >= {blk.GOAL}x QEMU each way", summary=summary,
-        extra_qemu_settings=[("-netdev tap,ifname=TAP,script=no,downscript=no "
-                              "-device virtio-net-device",
-                              "the TAP in our namespace; QEMU's userspace virtio-net (no vhost)")],
-        samples=samples)
-
+    return blk.report("net", "virtio-net", samples, METRICS, facts, qemu, args, guest, initrd,
+                      full, {"mib": args.net_mib, "seconds": args.net_seconds},
+                      goal=f"pyvmm >= {blk.GOAL}x QEMU each way",
+                      qemu_setting=("-netdev tap,ifname=TAP,script=no,downscript=no "
+                                    "-device virtio-net-device",
+                                    "the TAP in our namespace; QEMU's userspace virtio-net "
+                                    "(no vhost)"),
+                      fmt=".3f")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

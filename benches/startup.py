@@ -1,6 +1,6 @@
 """VMM start-up: exec -> first guest output, and exec -> API socket accepting.
 
-guest      a ~200-byte PVH ELF (benches/tiny_guest.S) whose first instructions
+guest      a ~200-byte PVH ELF (tests/framework/images.py: TINY_CODE) whose first instructions
            write "X" to COM1.  `pyvmm run --kernel tiny.elf --console stdio`
            against `qemu-system-x86_64 -M microvm -kernel tiny.elf` (qboot's PVH
            path), 128 MiB, 1 vCPU.  Wall clock from just before spawning the VMM
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def first_output(argv: list[str], timeout: float = 30.0) -> tuple[float | None, str]:
-    vmm = vmms.Vmm(argv, [b"X"])
-    t = vmm.wait_marker(b"X", timeout)
-    run = vmm.finish()
-    return t, "" if t is not None else (run.text() + run.stderr.decode(errors="replace"))[-600:]
+    with vmms.spawn(argv, [b"X"]) as vmm:
+        t = vmm.wait_marker(b"X", timeout)
+    return t, "" if t is not None else _tail(vmm)
 
 
 def socket_ready(argv: list[str], sock: Path, timeout: float = 30.0) -> tuple[float | None, str]:
-    vmm = vmms.Vmm(argv, [])
-    deadline = vmm.t0 + timeout
-    got = None
-    while time.perf_counter() < deadline and vmm.proc.poll() is None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(sock))
-            got = time.perf_counter() - vmm.t0
-            break
-        except OSError:
-            time.sleep(0.0005)
-        finally:
-            s.close()
-    run = vmm.finish()
-    return got, "" if got is not None else (run.text() + run.stderr.decode(errors="replace"))[-600:]
+    with vmms.spawn(argv) as vmm:
+        got = vmm.wait_for_socket(sock, timeout, interval=0.0005)
+    return got, "" if got is not None else _tail(vmm)
+
+
+def _tail(vmm) -> str:
+    return (vmm.out.decode(errors="replace") + vmm.stderr())[-600:]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Running pyvmm and QEMU side by side: command lines, timing, guests, netns.
 
-Both VMMs are child processes started the same way (subprocess.Popen, stdin a
-pipe left open, stdout a pipe), and every "exec -> X" figure is the same
-measurement for both: time.perf_counter() just before Popen, to the moment the
-parent reads X on the child's stdout (the guest's serial console).
+Both VMMs are child processes started the same way, by the tests' one process
+spawner (tests/framework/process.py: stdin a pipe left open, stdout a pipe),
+and every "exec -> X" figure is the same measurement for both:
+time.perf_counter() just before the spawn, to the moment the parent reads X on
+the child's stdout (the guest's serial console).  The guests (the tiny PVH ELF,
+the initramfs archive) come from tests/framework/images.py and the network
+namespace from tests/framework/netns.py, as in the tests.
 
 QEMU is Debian's qemu-system-x86 (installed with apt-get when missing), run as
 `-M microvm` with the settings in qemu_settings(); each one is recorded in the
@@ -11,21 +14,21 @@ results because some exist only to get QEMU through KVM PVM.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import selectors
 import shutil
-import signal
-import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from benches import harness
 from pyvmm.pvm import is_pvm_host
+from tests.framework import images
+from tests.framework.netns import NetNamespace
+from tests.framework.process import Process, pyvmm_command
 
 QEMU = "qemu-system-x86_64"
 INIT_MARKER = b"PYVMM-INIT-OK"
@@ -112,12 +115,6 @@ def qemu_argv(kernel: Path, initrd: Path | None, cmdline: str | None, mem_mib: i
 
 # -- pyvmm -----------------------------------------------------------------------
 
-def pyvmm_command() -> list[str]:
-    """How pyvmm is started: this interpreter, not the `pyvmm` pyenv shim (a bash
-    script that would add ~50 ms of its own to every start-up figure)."""
-    return [sys.executable, "-m", "pyvmm"]
-
-
 def child_env() -> dict[str, str]:
     """The environment VMM children run with: this one, except that Python may
     cache bytecode, in our own directory (PYTHONPYCACHEPREFIX) rather than in the
@@ -160,11 +157,12 @@ def pyvmm_argv(kernel: Path | None, initrd: Path | None, cmdline: str | None, me
 
 def pyvmm_full_cmdline(kernel: Path, initrd: Path | None, extra: str, mem_mib: int) -> str:
     """The whole kernel command line `pyvmm run --cmdline extra` boots with (no
-    virtio devices): pyvmm's defaults, its PVM parameters, then `extra`."""
-    from pyvmm.vmm import LinuxVm, VmConfig
-    with LinuxVm(VmConfig(kernel=kernel, initrd=initrd, cmdline=extra, mem_mib=mem_mib,
-                          console="none")) as vm:
-        return vm.cmdline
+    virtio devices): pyvmm's defaults, its PVM parameters on KVM PVM, and `extra`,
+    from the same pure function the VM builder calls."""
+    from pyvmm.boot.cmdline import build_cmdline
+    from pyvmm.config import VmSpec
+    spec = VmSpec.build(kernel=kernel, initrd=initrd, cmdline=extra, mem_mib=mem_mib)
+    return build_cmdline(spec, is_pvm_host())
 
 
 def builtin_guest():
@@ -193,97 +191,19 @@ class Run:
         return self.stdout.decode(errors="replace")
 
 
-class Vmm:
-    """A VMM child process whose stdout is read as it comes, time-stamping markers."""
-
-    def __init__(self, argv: list[str], markers: Sequence[bytes], env: dict | None = None,
-                 stderr_to_file: bool = True) -> None:
-        self.argv = argv
-        self.wanted = list(markers)
-        self.seen: dict[bytes, float] = {}
-        self.out = bytearray()
-        self.err_path = None
-        err = subprocess.PIPE
-        if stderr_to_file:
-            import tempfile
-            self._err = tempfile.TemporaryFile()
-            err = self._err
-        env = child_env() if env is None else env
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=err, env=env, start_new_session=True)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
-        self.eof = False
-
-    def _pump(self, timeout: float) -> None:
-        if self.eof:
-            time.sleep(min(timeout, 0.05))
-            return
-        for _key, _ in self.sel.select(timeout):
-            data = os.read(self.proc.stdout.fileno(), 65536)
-            now = time.perf_counter()
-            if not data:
-                self.eof = True
-                self.sel.unregister(self.proc.stdout)
-                return
-            start = max(0, len(self.out) - 64)
-            self.out += data
-            for marker in self.wanted:
-                if marker not in self.seen and marker in self.out[start:]:
-                    self.seen[marker] = now - self.t0
-
-    def wait_marker(self, marker: bytes, timeout: float) -> float | None:
-        deadline = time.perf_counter() + timeout
-        while marker not in self.seen and time.perf_counter() < deadline:
-            if self.eof and self.proc.poll() is not None:
-                break
-            self._pump(min(0.5, max(0.0, deadline - time.perf_counter())))
-        return self.seen.get(marker)
-
-    def wait_exit(self, timeout: float) -> float | None:
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                t = time.perf_counter() - self.t0
-                while not self.eof:
-                    self._pump(0.2)
-                return t
-            self._pump(min(0.5, max(0.0, deadline - time.perf_counter())))
-        return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-
-    def finish(self) -> Run:
-        self.kill()
-        while not self.eof:
-            self._pump(0.2)
-        err = b""
-        if hasattr(self, "_err"):
-            self._err.seek(0)
-            err = self._err.read()
-            self._err.close()
-        self.proc.stdin.close()
-        self.proc.stdout.close()
-        return Run(self.argv, {m.decode(): self.seen.get(m) for m in self.wanted},
-                   returncode=self.proc.returncode, stdout=bytes(self.out), stderr=err,
-                   pid=self.proc.pid)
+def spawn(argv: list[str], markers: Sequence[bytes] = ()) -> Process:
+    """A VMM child (tests/framework/process.py) in child_env(), its stdout's markers
+    time-stamped from just before the spawn."""
+    return Process(argv, env=child_env(), markers=markers)
 
 
-def run_to_exit(argv: list[str], markers: Sequence[bytes], timeout: float,
-                env: dict | None = None) -> Run:
+def run_to_exit(argv: list[str], markers: Sequence[bytes], timeout: float) -> Run:
     """Spawn, time the markers, wait for the VMM to exit by itself (or kill it at timeout)."""
-    vmm = Vmm(argv, markers, env=env)
-    exited = vmm.wait_exit(timeout)
-    run = vmm.finish()
-    run.exited = exited
-    return run
+    with spawn(argv, markers) as vmm:
+        exited = vmm.wait_exit(timeout)
+    return Run(argv, {m.decode(): vmm.seen.get(m) for m in markers}, exited=exited,
+               returncode=vmm.returncode, stdout=bytes(vmm.out), stderr=vmm.stderr_data(),
+               pid=vmm.pid)
 
 
 def pyvmm_stats(stderr: bytes) -> dict | None:
@@ -307,48 +227,15 @@ def pyvmm_stats(stderr: bytes) -> dict | None:
 # -- guests ------------------------------------------------------------------------
 
 def tiny_pvh_guest() -> Path:
-    """benches/tiny_guest.S as a PVH ELF of ~200 bytes: at its 32-bit entry it
-    writes 'X\\n' to COM1 and halts with interrupts off.  Built with as/ld, then
-    cut after the last segment (no section headers)."""
-    src, script = BENCHES / "tiny_guest.S", BENCHES / "tiny_guest.ld"
-    import hashlib
-    key = hashlib.sha256(src.read_bytes() + script.read_bytes()).hexdigest()[:16]
-    out = cache_dir() / f"tiny-pvh-{key}.elf"
-    if out.exists():
-        return out
-    obj, elf = out.with_suffix(".o"), out.with_suffix(".full")
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-s", "--build-id=none", "-T", str(script),
-                    "-o", str(elf), str(obj)], check=True)
-    data = bytearray(elf.read_bytes())
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phnum, = struct.unpack_from("<H", data, 56)
-    end = 0
-    for i in range(phnum):
-        p_offset, = struct.unpack_from("<Q", data, phoff + 56 * i + 8)
-        p_filesz, = struct.unpack_from("<Q", data, phoff + 56 * i + 32)
-        end = max(end, p_offset + p_filesz)
-    struct.pack_into("<Q", data, 40, 0)                 # e_shoff
-    struct.pack_into("<HHH", data, 58, 64, 0, 0)        # e_shentsize, e_shnum, e_shstrndx
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(bytes(data[:end]))
-    tmp.replace(out)
-    obj.unlink()
-    elf.unlink()
+    """The tiny guest (tests/framework/images.py: TINY_CODE), a ~200-byte PVH ELF: at
+    its 32-bit entry it writes 'X\\n' to COM1 and halts with interrupts off."""
+    data = images.tiny_guest()
+    out = cache_dir() / f"tiny-pvh-{hashlib.sha256(data).hexdigest()[:16]}.elf"
+    if not out.exists():
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(out)
     return out
-
-
-def cpio_newc(files: Sequence[tuple[str, int, bytes]]) -> bytes:
-    """A newc cpio archive of (name, mode, data), with its trailer."""
-    def entry(ino: int, name: str, mode: int, data: bytes) -> bytes:
-        nb = name.encode() + b"\0"
-        hdr = "070701" + "".join("%08X" % v for v in (
-            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0))
-        return hdr.encode() + nb + b"\0" * (-(110 + len(nb)) % 4) + data + \
-            b"\0" * (-len(data) % 4)
-    parts = [entry(1000 + i, n, m, d) for i, (n, m, d) in enumerate(files)]
-    parts.append(entry(0, "TRAILER!!!", 0, b""))
-    return b"".join(parts)
 
 
 def guest_tool() -> Path:
@@ -364,7 +251,7 @@ def initramfs_with_tool(base: Path) -> Path:
     if not out.exists():
         blob = base.read_bytes()
         blob += b"\0" * (-len(blob) % 4)
-        blob += cpio_newc([("bin/benchtool", 0o100755, tool.read_bytes())])
+        blob += images.cpio_newc([("bin/benchtool", 0o100755, tool.read_bytes())])
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(blob)
         tmp.replace(out)
@@ -382,24 +269,7 @@ def parse_results(console: str) -> dict[str, dict[str, float]]:
 
 # -- network namespace ------------------------------------------------------------
 
-class NetNs:
-    """A network namespace of our own with a TAP device; all traffic stays in it."""
-    HOST_IP, GUEST_IP, PREFIX = "172.31.250.1", "172.31.250.2", 24
-
-    def __init__(self, name: str, tap: str = "tapb0") -> None:
-        self.name, self.tap = name, tap
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        cmds = [["ip", "netns", "add", name]]
-        cmds += [["ip", "netns", "exec", name, *c] for c in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "tuntap", "add", tap, "mode", "tap"],
-            ["ip", "addr", "add", f"{self.HOST_IP}/{self.PREFIX}", "dev", tap],
-            ["ip", "link", "set", tap, "up"])]
-        for cmd in cmds:
-            subprocess.run(cmd, check=True, capture_output=True)
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+def bench_netns(name: str) -> NetNamespace:
+    """A namespace of our own with a TAP device (tests/framework/netns.py), on
+    addresses of its own, so that a benchmark and the tests can run at once."""
+    return NetNamespace(name, tap="tapb0", host_ip="172.31.250.1", guest_ip="172.31.250.2")

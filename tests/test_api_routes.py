@@ -128,8 +128,8 @@ def test_drives(api, api_files):
         _, fault = api.call("PUT", "/drives/data2", writable_needed, 400)
         assert "writable" in fault["fault_message"]
     # PATCH is for after start only
-    _, fault = api.call("PATCH", "/drives/rootfs", {"drive_id": "rootfs",
-                                                    "path_on_host": str(api_files / "data.img")}, 400)
+    _, fault = api.call("PATCH", "/drives/rootfs",
+                        {"drive_id": "rootfs", "path_on_host": str(api_files / "data.img")}, 400)
     assert "before starting" in fault["fault_message"]
 
 

@@ -148,6 +148,19 @@ def assert_refused_clearly(error: BootError, path) -> None:
         word in message for word in ("kernel", "initrd", "command line")), message
 
 
+def load_or_refuse_clearly(tmp_path, memory: GuestMemory, name: str, kernel: bytes) -> None:
+    """Load kernel (with an initrd and a command line): either a BootError that names
+    the problem, or a load that stayed inside guest RAM."""
+    path = _write(tmp_path, name, kernel)
+    initrd = _write(tmp_path, "initrd", FUZZ_INITRD)
+    try:
+        loaded = load_linux(memory, path, initrd, FUZZ_CMDLINE, 1)
+    except BootError as error:
+        assert_refused_clearly(error, path)
+    else:
+        assert_loaded_inside_guest_ram(memory, loaded)
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(corruptions=st.lists(st.tuples(st.integers(0, 0x270), st.integers(0, 255)), max_size=12),
        cut=st.integers(0, 70_000))
@@ -156,14 +169,7 @@ def test_corrupted_bzimage_headers_are_refused_or_loaded_inside_guest_ram(
     data = bytearray(make_bzimage())
     for offset, value in corruptions:
         data[offset] = value
-    path = _write(tmp_path, "fuzz", bytes(data[:len(data) - cut]))
-    initrd = _write(tmp_path, "initrd", FUZZ_INITRD)
-    try:
-        loaded = load_linux(memory, path, initrd, FUZZ_CMDLINE, 1)
-    except BootError as error:
-        assert_refused_clearly(error, path)
-    else:
-        assert_loaded_inside_guest_ram(memory, loaded)
+    load_or_refuse_clearly(tmp_path, memory, "fuzz", bytes(data[:len(data) - cut]))
 
 
 # The PVH entry point is the last four bytes of make_elf()'s image: one that points
@@ -176,14 +182,7 @@ def test_corrupted_elf_headers_are_refused_or_loaded_inside_guest_ram(tmp_path, 
     data = bytearray(make_elf(with_pvh_note=True))
     for offset, value in corruptions:
         data[offset % len(data)] = value
-    path = _write(tmp_path, "fuzz.elf", bytes(data))
-    initrd = _write(tmp_path, "initrd", FUZZ_INITRD)
-    try:
-        loaded = load_linux(memory, path, initrd, FUZZ_CMDLINE, 1)
-    except BootError as error:
-        assert_refused_clearly(error, path)
-    else:
-        assert_loaded_inside_guest_ram(memory, loaded)
+    load_or_refuse_clearly(tmp_path, memory, "fuzz.elf", bytes(data))
 
 
 CLI_CASES = {
