@@ -27,7 +27,7 @@ from pyvmm.closing import Closeable
 from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec
 from pyvmm.devices.i8042 import I8042, I8042_PORTS
 from pyvmm.devices.iothread import IoThread
-from pyvmm.devices.uart import UART_REGISTERS, Serial
+from pyvmm.devices.uart import UART_REGISTERS, Uart
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Outcome, OutcomeKind
 from pyvmm.layout import COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ, \
@@ -102,8 +102,8 @@ class LinuxVm(Closeable):
 
     def _add_legacy_devices(self) -> None:
         vm_fd = self.machine.vm
-        self.serial = Serial(self.console.write, lambda level: vm_fd.irq_line(COM1_IRQ, level))
-        self.machine.add_device(Bus.PIO, COM1_PORT, UART_REGISTERS, self.serial, "serial")
+        self.uart = Uart(self.console.write, lambda level: vm_fd.irq_line(COM1_IRQ, level))
+        self.machine.add_device(Bus.PIO, COM1_PORT, UART_REGISTERS, self.uart, "serial")
         self.i8042 = I8042(lambda level: vm_fd.irq_line(KEYBOARD_IRQ, level))
         self.machine.add_device(Bus.PIO, I8042_DATA_PORT, I8042_PORTS, self.i8042, "i8042")
 
@@ -170,7 +170,7 @@ class LinuxVm(Closeable):
 
     def send(self, data: bytes) -> None:
         """Bytes for the guest to read on its serial port."""
-        self.serial.feed(data)
+        self.uart.feed(data)
 
     def send_ctrl_alt_del(self) -> None:
         """Press Ctrl-Alt-Del on the guest's keyboard (Firecracker's SendCtrlAltDel).
@@ -193,7 +193,7 @@ class LinuxVm(Closeable):
         stats = self.machine.stats()
         stats["boot"] = self.boot_times()
         stats["pvm_fixups"] = dict(self.fixups.counts)
-        stats["serial_tx_bytes"] = self.serial.tx_bytes
+        stats["serial_tx_bytes"] = self.uart.tx_bytes
         stats["virtio"] = {name: dict(t.device.stats, error=t.error)
                            for name, t in self.virtio.items()}
         return stats

@@ -1,6 +1,7 @@
-"""A machine: one VM fd, its RAM, its buses and devices, and a thread per vCPU.
+"""The KVM layer: a Machine is one VM fd, its RAM, its buses and devices, a thread per vCPU.
 
-This is the layer everything else builds on.  Boot code (pyvmm.boot) fills
+This is the layer everything else builds on (pyvmm.builder boots Linux on it;
+pyvmm.testbed runs tiny guests on it).  Boot code (pyvmm.boot) fills
 memory and registers; device models register on the buses; the lifecycle
 (start, stop, wait) lives here.
 

@@ -30,8 +30,8 @@ MSR_CTS, MSR_DSR, MSR_DCD = 0x10, 0x20, 0x80
 RX_FIFO_LIMIT = 64 * 1024      # host input waiting for the guest; beyond it, input is dropped
 
 
-class Serial:
-    """The UART; `output` gets every byte the guest transmits."""
+class Uart:
+    """The 16550A; `output` gets every byte the guest transmits."""
 
     def __init__(self, output: Callable[[bytes], None],
                  raise_irq: Callable[[int], None] | None = None) -> None:
