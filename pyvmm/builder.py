@@ -110,8 +110,11 @@ class LinuxVm(Closeable):
     def _add_virtio_devices(self) -> None:
         """Each configured virtio device, in the order (and so the MMIO window) that
         build_cmdline announces it at."""
+        devices = self.spec.virtio_devices()
+        if not devices:
+            return                  # a VM without virtio devices never imports them
         from pyvmm.devices.virtio.mmio import attach
-        for index, (name, section) in enumerate(self.spec.virtio_devices()):
+        for index, (name, section) in enumerate(devices):
             device = _create_device(section)
             try:
                 self.virtio[name] = attach(self.machine, self.iothread, device, index, name)
