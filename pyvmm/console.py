@@ -192,17 +192,17 @@ class StdinReader:
         self._escape = False
 
     def start(self) -> None:
-        import termios
-        import tty
-        if os.isatty(self.fd):
+        if os.isatty(self.fd):            # termios only for a terminal: a pipe needs none
+            import termios
+            import tty
             self._saved = termios.tcgetattr(self.fd)
             atexit.register(self.restore)
             tty.setraw(self.fd)
         self._thread.start()
 
     def restore(self) -> None:
-        import termios
         if self._saved is not None:
+            import termios
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
 
