@@ -202,15 +202,17 @@ class LinuxVm(Closeable):
         return stats
 
     def close(self) -> None:
-        """Stop the vCPUs and the I/O thread, then release the devices and KVM."""
+        """Stop the vCPUs, then the I/O thread, then release the devices, and guest
+        RAM and KVM last: nothing that may still touch guest memory outlives it."""
         if self._closed:
             return
         self._closed = True
-        self.machine.close()
+        self.machine.stop_and_join()
         self.iothread.stop()
         for transport in self.virtio.values():
             transport.close()
         self.virtio = {}
+        self.machine.close()
 
 
 def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice":

@@ -308,13 +308,17 @@ class Machine(Closeable):
 
     # -- teardown --------------------------------------------------------------
 
+    def stop_and_join(self, timeout: float = 5.0) -> None:
+        """Stop the vCPUs if they run and wait (up to timeout) for their threads."""
+        if self._threads and not self._done.is_set():
+            self.stop()
+            self.wait(timeout)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._threads and not self._done.is_set():
-            self.stop()
-            self.wait(5)
+        self.stop_and_join()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
