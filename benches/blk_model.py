@@ -62,7 +62,7 @@ def run_model(path, op: str, size: int, count: int, batch: int) -> float:
         base = driver.data
         headers, statuses = base, base + 0x1000
         data = base + 0x2000
-        slots = device.size // size
+        slots = device.disk.size // size
         for j in range(batch):
             d = 3 * j
             driver.write_desc(d, headers + 16 * j, 16, 1, d + 1)      # NEXT

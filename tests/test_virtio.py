@@ -284,26 +284,19 @@ def test_random_register_writes_including_resets(memory, disk, writes):
 
 def make_net(memory, mergeable=True):
     import socket
-    from pyvmm.devices.virtio.net import F_MRG_RXBUF, Net
+    from pyvmm.devices.virtio.net import F_MRG_RXBUF, RX, TX, Net
     host, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     dev.setblocking(False)
     device = Net("test0", b"\x06\x00\x00\x00\x00\x01", fd=dev.detach())
     transport = mmio.VirtioMmio(device, memory, Irq())
     features = device.features & ~(0 if mergeable else 1 << F_MRG_RXBUF)
-    rx = HostDriver(transport, memory, base=0x10000, features=features)
-    rx.setup()
-    # queue 1 (TX) by hand: the host driver sets up queue 0 only
-    tx = HostDriver(transport, memory, base=0x80000)
+    rx = HostDriver(transport, memory, base=0x10000, features=features, queue=RX)
+    tx = HostDriver(transport, memory, base=0x80000, queue=TX)
+    rx.negotiate()
+    rx.configure_queue()
+    tx.configure_queue()
+    rx.driver_ok()
     t = transport
-    t.write(mmio.QUEUE_SEL, (1).to_bytes(4, "little"))
-    t.status &= ~mmio.DRIVER_OK
-    t.write(mmio.QUEUE_NUM, (16).to_bytes(4, "little"))
-    for low, addr in ((mmio.QUEUE_DESC_LOW, tx.layout.desc), (mmio.QUEUE_AVAIL_LOW, tx.layout.avail),
-                      (mmio.QUEUE_USED_LOW, tx.layout.used)):
-        t.write(low, addr.to_bytes(4, "little"))
-    memory.fill(tx.layout.desc, 0x3000)
-    t.write(mmio.QUEUE_READY, (1).to_bytes(4, "little"))
-    t.write(mmio.STATUS, (t.status | mmio.DRIVER_OK).to_bytes(4, "little"))
     return device, t, rx, tx, host
 
 

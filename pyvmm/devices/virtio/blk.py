@@ -1,21 +1,23 @@
-"""virtio-blk on a raw image file (virtio 1.2, section 5.2).
+"""virtio-blk (virtio 1.2, section 5.2), the front end of a disk backend
+(pyvmm.devices.disk.RawDisk).
 
-Data moves with preadv/pwritev straight between the file and guest RAM (views
-of the memfd mapping), so a request costs no copy in Python.
+A request is parsed through the chain's cursors: a 16-byte header from the
+device-readable bytes, the status byte as the last device-writable byte
+(5.2.6), and the data in between handed to the backend as views of guest
+RAM, so preadv/pwritev move it with no copy in Python.
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
 from pathlib import Path
 
-from pyvmm.devices.virtio.mmio import VirtioDevice
-from pyvmm.devices.virtio.queue import Chain, Descriptor, QueueError
-from pyvmm.errors import PyvmmError
+from pyvmm.devices.disk import SECTOR_SIZE, RawDisk
+from pyvmm.devices.disk import DiskError as DiskError    # what Block() raises for a bad image
+from pyvmm.devices.virtio.chain import Chain, QueueError, Reader, Writer
+from pyvmm.devices.virtio.device import MAX_CONFIG_SIZE, VirtioDevice
+from pyvmm.devices.virtio.state import StateError, StateReader
 
 DEVICE_ID_BLOCK = 2
-SECTOR_SIZE = 512
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2               # data segments per request, beside header and status
 ID_BYTES = 20                          # 5.2.6.1: GET_ID answers a 20-byte serial
@@ -31,18 +33,11 @@ VIRTIO_BLK_F_WRITE_ZEROES = 14
 # Request types and status (5.2.6)
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-HEADER = struct.Struct("<IIQ")          # type, reserved, sector
+HEADER = struct.Struct("<IIQ")          # struct virtio_blk_req: type, reserved, sector
+STATUS = struct.Struct("<B")
 SEGMENT = struct.Struct("<QII")         # discard/write-zeroes: sector, num_sectors, flags
 MAX_DISCARD_SECTORS = 1 << 22           # 2 GiB per request
 MAX_DISCARD_SEGMENTS = 1
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-class DiskError(PyvmmError):
-    """A disk image that cannot be opened as asked."""
 
 
 class RequestError(Exception):
@@ -50,19 +45,6 @@ class RequestError(Exception):
 
     def __init__(self, status: int) -> None:
         self.status = status
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode: os.posix_fallocate cannot punch holes."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class Block(VirtioDevice):
@@ -74,147 +56,136 @@ class Block(VirtioDevice):
         super().__init__()
         self.read_only = read_only
         self.serial = serial.encode()[:ID_BYTES]
-        self.fd = -1
-        self.path = path
-        self._open(path)
+        self.disk = RawDisk(path, read_only)
         self.features |= (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_FLUSH) | \
             (1 << VIRTIO_BLK_F_BLK_SIZE)
         if read_only:
             self.features |= 1 << VIRTIO_BLK_F_RO
         else:
             self.features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
-        self._build_config()
+        self.config = self._build_config()
 
-    def _open(self, path: Path) -> None:
-        try:
-            fd = os.open(path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DiskError(f"cannot open disk image {path}: {exc.strerror}") from None
-        size = os.fstat(fd).st_size
-        if size % SECTOR_SIZE:
-            os.close(fd)
-            raise DiskError(f"disk image {path} is {size} bytes, not a multiple of 512")
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd, self.path, self.size = fd, path, size
-
-    def _build_config(self) -> None:
+    def _build_config(self) -> bytearray:
         # struct virtio_blk_config (5.2.4), fields up to write_zeroes_may_unmap.
         config = bytearray(60)
-        struct.pack_into("<Q", config, 0, self.size // SECTOR_SIZE)        # capacity
+        struct.pack_into("<Q", config, 0, self.disk.size // SECTOR_SIZE)   # capacity
         struct.pack_into("<I", config, 12, SEG_MAX)                         # seg_max
         struct.pack_into("<I", config, 20, SECTOR_SIZE)                     # blk_size
         struct.pack_into("<III", config, 36, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1)
         struct.pack_into("<II", config, 48, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS)
         config[56] = 1                                                      # may unmap
-        self.config = config
+        return config
 
     def replace_backing(self, path: Path) -> None:
-        """Swap the image (Firecracker's PATCH /drives): new capacity, config interrupt."""
-        self._open(path)
-        self._build_config()
-        if self.transport:
-            self.transport.config_changed()
+        """Swap the image (Firecracker's PATCH /drives), between requests: new
+        capacity, config interrupt.  DiskError, and the old image kept, if the new
+        one cannot be used."""
+        with self.lock:
+            self.disk.replace(path)
+            self.config[:] = self._build_config()
+            self.config_changed()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.disk.close()
+
+    def restore(self, state: object) -> None:
+        """As VirtioDevice.restore; the saved config space (the capacity) must be
+        this image's, or the guest would see a disk of the wrong size."""
+        saved = StateReader(state, f"{self.name} state").blob("config", MAX_CONFIG_SIZE)
+        if saved != self.config:
+            raise StateError(f"the saved {self.name} config space does not match disk "
+                             f"image {self.disk.path} ({self.disk.size // SECTOR_SIZE} "
+                             f"sectors): restore onto the image the snapshot was taken with")
+        super().restore(state)
 
     # -- requests ----------------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        queue = self.queues[index]
-        served = 0
-        while (chain := queue.pop()) is not None:
-            queue.push_used(chain.head, self._serve(chain))
-            served += 1
-        if served:
-            self.signal_used(queue)
+        self.serve_each(self.queues[index], self._serve)
 
     def _serve(self, chain: Chain) -> int:
         """Handles one request; returns the bytes written into guest buffers."""
-        descs = chain.descriptors
-        if len(descs) < 2 or descs[0].writable or descs[0].length < HEADER.size:
+        request, reply = chain.reader(), chain.writer()
+        if request.available_bytes() < HEADER.size:
             raise QueueError("virtio-blk request without a readable 16-byte header")
-        status_desc = descs[-1]
-        if not status_desc.writable or status_desc.length < 1:
+        data_length = reply.available_bytes() - STATUS.size
+        if data_length < 0:
             raise QueueError("virtio-blk request without a writable status byte")
-        memory = self.transport.memory
-        rtype, _, sector = HEADER.unpack(memory.read(descs[0].addr, HEADER.size))
-        data = list(descs[1:-1])
+        rtype, _, sector = request.read_obj(HEADER)
+        status_byte = reply.split_at(data_length)
         status, written = S_OK, 0
         self.stats["requests"] += 1
         try:
-            written = self._dispatch(rtype, sector, data)
+            written = self._dispatch(rtype, sector, request, reply)
         except RequestError as exc:
             status = exc.status
         except OSError:
             status = S_IOERR
         if status != S_OK:
             self.stats["errors"] += 1
-        # The status byte is the last byte of the last descriptor (5.2.6).
-        memory.write(status_desc.addr + status_desc.length - 1, bytes([status]))
-        return written + 1
+        status_byte.write_obj(STATUS, status)
+        return written + STATUS.size
 
-    def _dispatch(self, rtype: int, sector: int, data: list[Descriptor]) -> int:
-        memory = self.transport.memory
-        if rtype in (T_IN, T_OUT):
-            if any(d.writable != (rtype == T_IN) for d in data):
-                raise RequestError(S_IOERR)
-            length = sum(d.length for d in data)
-            offset = self._check_range(sector, length)
-            views = [memory.view(d.addr, d.length) for d in data if d.length]
-            if rtype == T_IN:
-                done = os.preadv(self.fd, views, offset) if views else 0
-                if done != length:
-                    raise RequestError(S_IOERR)
-                self.stats["bytes_read"] += done
-                return done
-            if self.read_only:
-                raise RequestError(S_IOERR)
-            done = os.pwritev(self.fd, views, offset) if views else 0
-            if done != length:
-                raise RequestError(S_IOERR)
-            self.stats["bytes_written"] += done
+    def _dispatch(self, rtype: int, sector: int, request: Reader, reply: Writer) -> int:
+        """Carries out a request whose data is `request` (after the header) or
+        `reply` (before the status byte); returns the bytes written into reply."""
+        if rtype == T_IN:
+            return self._read(sector, request, reply)
+        if rtype == T_OUT:
+            self._write(sector, request, reply)
             return 0
         if rtype == T_FLUSH:
-            if not self.read_only:
-                os.fdatasync(self.fd)
+            self.disk.flush()
             return 0
         if rtype == T_GET_ID:
-            target = next((d for d in data if d.writable), None)
-            if target is None:
-                raise RequestError(S_IOERR)
-            ident = self.serial.ljust(ID_BYTES, b"\0")[:min(ID_BYTES, target.length)]
-            memory.write(target.addr, ident)
-            return len(ident)
+            return self._get_id(reply)
         if rtype in (T_DISCARD, T_WRITE_ZEROES) and not self.read_only:
-            self._discard_or_zero(rtype, data)
+            self._discard_or_zero(rtype, request)
             return 0
         raise RequestError(S_UNSUPP if rtype not in (T_DISCARD, T_WRITE_ZEROES) else S_IOERR)
 
+    def _read(self, sector: int, request: Reader, reply: Writer) -> int:
+        if request.available_bytes():
+            raise RequestError(S_IOERR)       # data for us to read: not a read request
+        length = reply.available_bytes()
+        offset = self._check_range(sector, length)
+        if self.disk.read_into(reply.views(), offset) != length:
+            raise RequestError(S_IOERR)
+        self.stats["bytes_read"] += length
+        return length
+
+    def _write(self, sector: int, request: Reader, reply: Writer) -> None:
+        if reply.available_bytes():
+            raise RequestError(S_IOERR)       # room for data to us: not a write request
+        length = request.available_bytes()
+        offset = self._check_range(sector, length)
+        if self.read_only or self.disk.write_from(request.views(), offset) != length:
+            raise RequestError(S_IOERR)
+        self.stats["bytes_written"] += length
+
+    def _get_id(self, reply: Writer) -> int:
+        if not reply.available_bytes():
+            raise RequestError(S_IOERR)
+        ident = self.serial.ljust(ID_BYTES, b"\0")[:min(ID_BYTES, reply.available_bytes())]
+        reply.write(ident)
+        return len(ident)
+
     def _check_range(self, sector: int, length: int) -> int:
         offset = sector * SECTOR_SIZE
-        if length % SECTOR_SIZE or offset + length > self.size:
+        if length % SECTOR_SIZE or offset + length > self.disk.size:
             raise RequestError(S_IOERR)
         return offset
 
-    def _discard_or_zero(self, rtype: int, data: list[Descriptor]) -> None:
-        memory = self.transport.memory
-        blob = b"".join(memory.read(d.addr, d.length) for d in data if not d.writable)
-        if not blob or len(blob) % SEGMENT.size:
+    def _discard_or_zero(self, rtype: int, request: Reader) -> None:
+        segments = request.available_bytes()
+        if not segments or segments % SEGMENT.size:
             raise RequestError(S_IOERR)
-        for i in range(0, len(blob), SEGMENT.size):
-            sector, count, _flags = SEGMENT.unpack_from(blob, i)
+        while request.available_bytes():
+            sector, count, _flags = request.read_obj(SEGMENT)
             if count > MAX_DISCARD_SECTORS:
                 raise RequestError(S_IOERR)
             offset = self._check_range(sector, count * SECTOR_SIZE)
-            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if rtype == T_DISCARD else \
-                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-            try:
-                _fallocate(self.fd, mode, offset, count * SECTOR_SIZE)
-            except OSError:
-                if rtype == T_DISCARD:
-                    continue          # discard is advisory
-                os.pwrite(self.fd, bytes(count * SECTOR_SIZE), offset)
+            if rtype == T_DISCARD:
+                self.disk.discard(offset, count * SECTOR_SIZE)
+            else:
+                self.disk.write_zeroes(offset, count * SECTOR_SIZE)

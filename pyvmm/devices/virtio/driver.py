@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.device import ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK
 from pyvmm.devices.virtio.queue import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.memory import GuestMemory
 
@@ -32,12 +33,16 @@ class QueueLayout:
 
 
 class HostDriver:
-    """Drives one device's queue 0 from the host, using RAM from `base` upward."""
+    """Drives one of a device's queues (`queue`, 0 by default) from the host, using
+    RAM from `base` upward.  setup() does the whole initialisation (3.1.1) for
+    queue 0 alone; for more queues, one driver per queue: negotiate() on one,
+    configure_queue() on each, then driver_ok() on one."""
 
     def __init__(self, transport: mmio.VirtioMmio, memory: GuestMemory, base: int = 0x10000,
-                 queue_size: int = 16, features: int | None = None) -> None:
+                 queue_size: int = 16, features: int | None = None, queue: int = 0) -> None:
         self.t = transport
         self.memory = memory
+        self.queue = queue
         self.size = queue_size
         self.layout = QueueLayout(base, base + DESC_SIZE * queue_size,
                                   base + 0x1000 * ((DESC_SIZE * queue_size + 0x1000) // 0x1000
@@ -49,9 +54,15 @@ class HostDriver:
         self.next_desc = 0
 
     def setup(self, ready: bool = True) -> None:
+        self.negotiate()
+        self.configure_queue(ready)
+        self.driver_ok()
+
+    def negotiate(self) -> None:
+        """Reset the device, then offer back the features (all it offers by default)."""
         t = self.t
         _w32(t, mmio.STATUS, 0)
-        _w32(t, mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER)
+        _w32(t, mmio.STATUS, ACKNOWLEDGE | DRIVER)
         offered = 0
         for sel in (0, 1):
             _w32(t, mmio.DEVICE_FEATURES_SEL, sel)
@@ -60,8 +71,11 @@ class HostDriver:
         for sel in (0, 1):
             _w32(t, mmio.DRIVER_FEATURES_SEL, sel)
             _w32(t, mmio.DRIVER_FEATURES, wanted >> (32 * sel))
-        _w32(t, mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK)
-        _w32(t, mmio.QUEUE_SEL, 0)
+        _w32(t, mmio.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)
+
+    def configure_queue(self, ready: bool = True) -> None:
+        t = self.t
+        _w32(t, mmio.QUEUE_SEL, self.queue)
         _w32(t, mmio.QUEUE_NUM, self.size)
         lay = self.layout
         for low, addr in ((mmio.QUEUE_DESC_LOW, lay.desc), (mmio.QUEUE_AVAIL_LOW, lay.avail),
@@ -71,7 +85,9 @@ class HostDriver:
         self.memory.fill(lay.desc, 0x3000)
         if ready:
             _w32(t, mmio.QUEUE_READY, 1)
-        _w32(t, mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
+
+    def driver_ok(self) -> None:
+        _w32(self.t, mmio.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
 
     @property
     def status(self) -> int:
@@ -101,7 +117,7 @@ class HostDriver:
         self.memory.write_int(lay.avail + 2, 2, self.avail_idx)
 
     def kick(self) -> None:
-        self.t.notify(0)
+        self.t.notify(self.queue)
 
     def used(self) -> list[tuple[int, int]]:
         """New (id, len) used elements since the last call."""

@@ -1,5 +1,5 @@
-"""The virtio-mmio transport, version 2 (virtio 1.2, section 4.2), and the
-device base class that virtio-blk, -net and -rng build on.
+"""The virtio-mmio transport, version 2 (virtio 1.2, section 4.2): the register
+file that puts a VirtioDevice (pyvmm.devices.virtio.device) on the MMIO bus.
 
 The register file is a Python device on the MMIO bus: the guest touches it at
 set-up time and once per interrupt (status, ack).  The hot register,
@@ -11,10 +11,14 @@ from __future__ import annotations
 import functools
 import os
 import struct
-import threading
 from typing import TYPE_CHECKING, Callable
 
-from pyvmm.devices.virtio.queue import QueueError, Virtqueue
+from pyvmm.devices.virtio.chain import QueueError
+from pyvmm.devices.virtio.device import DEVICE_NEEDS_RESET, DRIVER_OK, FEATURE_PAGES, \
+    FEATURES_OK, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, \
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioInterrupt
+from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.state import U32_MAX, StateError, StateReader
 from pyvmm.memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -40,68 +44,27 @@ QUEUE_USED_LOW, QUEUE_USED_HIGH = 0x0A0, 0x0A4
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 
-INT_VRING, INT_CONFIG = 1, 2           # InterruptStatus bits
-
-# Device status (2.1)
-ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
-DEVICE_NEEDS_RESET, FAILED = 64, 128
-
-# Feature bits (6)
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-
-
-class VirtioDevice:
-    """A device behind the transport.  Subclasses set the class attributes and
-    implement process_queue(); config space is `self.config` (bytes)."""
-
-    device_id = 0
-    queue_sizes: tuple[int, ...] = (256,)
-    name = "virtio"
-
-    def __init__(self) -> None:
-        self.features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | \
-            (1 << VIRTIO_RING_F_INDIRECT_DESC)
-        self.config = bytearray()
-        self.queues = [Virtqueue(size) for size in self.queue_sizes]
-        self.transport: "VirtioMmio | None" = None
-        self.stats: dict[str, int] = {"requests": 0, "bytes_read": 0, "bytes_written": 0,
-                                      "errors": 0}
-
-    def process_queue(self, index: int) -> None:
-        """Serve what the driver made available on queue `index` (I/O thread)."""
-        raise NotImplementedError
-
-    def activate(self) -> None:
-        """The driver is ready (DRIVER_OK); queues are valid."""
-
-    def reset(self) -> None:
-        """The driver reset the device; drop in-flight state."""
-
-    def failed(self) -> None:
-        """The device stopped serving (NEEDS_RESET); stop any backend polling."""
-
-    def acked(self, bit: int) -> bool:
-        return bool(self.transport and self.transport.driver_features >> bit & 1)
-
-    def signal_used(self, queue: Virtqueue) -> None:
-        if self.transport and queue.needs_interrupt():
-            self.transport.interrupt(INT_VRING)
+# The per-queue address registers (4.2.2): which Virtqueue field each sets, and
+# whether it holds the high 32 bits.
+QUEUE_ADDRESS_REGISTERS = {
+    QUEUE_DESC_LOW: ("desc_addr", False), QUEUE_DESC_HIGH: ("desc_addr", True),
+    QUEUE_AVAIL_LOW: ("avail_addr", False), QUEUE_AVAIL_HIGH: ("avail_addr", True),
+    QUEUE_USED_LOW: ("used_addr", False), QUEUE_USED_HIGH: ("used_addr", True),
+}
 
 
 class VirtioMmio:
-    """The virtio-mmio register file for one device."""
+    """The virtio-mmio register file for one device.
+
+    The device's lock is ours too (`lock`): a register access, a queue kick and
+    a backend event never run at once."""
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory,
                  raise_irq: Callable[[], None]) -> None:
         self.device = device
-        device.transport = self
         self.memory = memory
-        self._raise_irq = raise_irq
-        self.lock = threading.RLock()   # vCPU threads (registers) vs the I/O thread (queues)
-        self.on_activate: Callable[["VirtioMmio"], None] | None = None
-        self.on_reset: Callable[["VirtioMmio"], None] | None = None
+        self.lock = device.lock
+        self.interrupt = VirtioInterrupt(raise_irq, self.fail)
         self.error: str | None = None
         self.eventfds: list[int] = []      # irqfd and ioeventfds (attach()), closed with us
         self._reset_registers()
@@ -110,23 +73,27 @@ class VirtioMmio:
         self.status = 0
         self.device_features_sel = 0
         self.driver_features_sel = 0
-        self.driver_features = 0
         self.queue_sel = 0
-        self.interrupt_status = 0
-        self.config_generation = 0
-        for queue in self.device.queues:
-            queue.reset()
+        self.interrupt.status = 0
 
     @property
     def active(self) -> bool:
         return bool(self.status & DRIVER_OK) and not self.status & DEVICE_NEEDS_RESET
+
+    @property
+    def interrupt_status(self) -> int:
+        return self.interrupt.status
+
+    @property
+    def driver_features(self) -> int:
+        return self.device.acked_features
 
     # -- guest register access (vCPU threads) --------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
             if offset >= CONFIG:
-                return self._read_config(offset - CONFIG, size)
+                return self.device.read_config(offset - CONFIG, size)
             value = self._read_register(offset) if size == 4 else 0
         return value.to_bytes(4, "little")[:size] + bytes(max(0, size - 4))
 
@@ -137,12 +104,6 @@ class VirtioMmio:
             if len(data) != 4:
                 return                          # 4.2.2: registers take 32-bit accesses only
             self._write_register(offset, int.from_bytes(data, "little"))
-
-    def _read_config(self, offset: int, size: int) -> bytes:
-        config = self.device.config
-        if offset + size > len(config):
-            return bytes(size)
-        return bytes(config[offset:offset + size])
 
     def _queue(self) -> Virtqueue | None:
         queues = self.device.queues
@@ -160,17 +121,17 @@ class VirtioMmio:
             return VENDOR_ID
         if offset == DEVICE_FEATURES:
             return (self.device.features >> (32 * self.device_features_sel)) & 0xFFFFFFFF \
-                if self.device_features_sel < 2 else 0
+                if self.device_features_sel < FEATURE_PAGES else 0
         if offset == QUEUE_NUM_MAX:
             return queue.max_size if queue else 0
         if offset == QUEUE_READY:
             return int(queue.ready) if queue else 0
         if offset == INTERRUPT_STATUS:
-            return self.interrupt_status
+            return self.interrupt.status
         if offset == STATUS:
             return self.status
         if offset == CONFIG_GENERATION:
-            return self.config_generation
+            return self.device.config_generation
         return 0
 
     def _write_register(self, offset: int, value: int) -> None:
@@ -181,16 +142,13 @@ class VirtioMmio:
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == DRIVER_FEATURES:
-            if self.driver_features_sel < 2 and not self.status & FEATURES_OK:
-                shift = 32 * self.driver_features_sel
-                self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | \
-                    (value << shift)
+            if self.driver_features_sel < FEATURE_PAGES and not self.status & FEATURES_OK:
+                self.device.ack_features(self.driver_features_sel, value)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset == QUEUE_NUM and configurable:
             queue.size = value
-        elif offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_AVAIL_LOW, QUEUE_AVAIL_HIGH,
-                        QUEUE_USED_LOW, QUEUE_USED_HIGH) and configurable:
+        elif offset in QUEUE_ADDRESS_REGISTERS and configurable:
             self._set_queue_address(queue, offset, value)
         elif offset == QUEUE_READY and queue is not None:
             queue.ready = bool(value & 1)
@@ -199,17 +157,15 @@ class VirtioMmio:
             if self.active and value < len(self.device.queues):
                 self.notify(value)
         elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
+            self.interrupt.acknowledge(value)
         elif offset == STATUS:
             self._set_status(value)
 
     @staticmethod
     def _set_queue_address(queue: Virtqueue, offset: int, value: int) -> None:
-        attr = {QUEUE_DESC_LOW: "desc_addr", QUEUE_DESC_HIGH: "desc_addr",
-                QUEUE_AVAIL_LOW: "avail_addr", QUEUE_AVAIL_HIGH: "avail_addr",
-                QUEUE_USED_LOW: "used_addr", QUEUE_USED_HIGH: "used_addr"}[offset]
+        attr, high = QUEUE_ADDRESS_REGISTERS[offset]
         old = getattr(queue, attr)
-        if offset & 4:                                  # the *_HIGH registers
+        if high:
             setattr(queue, attr, (old & 0xFFFFFFFF) | (value << 32))
         else:
             setattr(queue, attr, (old & ~0xFFFFFFFF) | value)
@@ -219,8 +175,7 @@ class VirtioMmio:
             self.reset()
             return
         if value & FEATURES_OK and not self.status & FEATURES_OK:
-            offered = self.device.features
-            if self.driver_features & ~offered or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+            if not self._features_acceptable():
                 value &= ~FEATURES_OK       # 3.1.1: the driver re-reads and sees the refusal
         if value & DRIVER_OK and not self.status & DRIVER_OK:
             self.status = value
@@ -228,70 +183,99 @@ class VirtioMmio:
             return
         self.status = (self.status & DEVICE_NEEDS_RESET) | value
 
+    def _features_acceptable(self) -> bool:
+        """Only bits the device offers, and VERSION_1: we are not a legacy device."""
+        acked = self.device.acked_features
+        return not acked & ~self.device.features and bool(acked >> VIRTIO_F_VERSION_1 & 1)
+
     def _activate(self) -> None:
-        event_idx = bool(self.driver_features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        indirect = bool(self.driver_features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         try:
-            for queue in self.device.queues:
-                if queue.ready:
-                    queue.activate(self.memory, event_idx, indirect)
+            self._activate_queues()
         except QueueError as exc:
             self.fail(str(exc))
             return
-        self.device.activate()
-        if self.on_activate:
-            self.on_activate(self)
+        self.device.activate(self.memory, self.interrupt)
+
+    def _activate_queues(self) -> None:
+        """Check each ready queue's layout against guest RAM; QueueError if unusable."""
+        event_idx = self.device.acked(VIRTIO_RING_F_EVENT_IDX)
+        indirect = self.device.acked(VIRTIO_RING_F_INDIRECT_DESC)
+        for queue in self.device.queues:
+            if queue.ready:
+                queue.activate(self.memory, event_idx, indirect)
 
     def reset(self) -> None:
-        if self.on_reset:
-            self.on_reset(self)
-        self.device.reset()
-        self._reset_registers()
-        self.error = None
+        with self.lock:
+            self.device.reset()
+            self._reset_registers()
+            self.error = None
 
     # -- device side (I/O thread) --------------------------------------------------
 
     def notify(self, index: int) -> None:
         """The driver kicked queue `index`."""
-        if index < len(self.device.queues) and self.device.queues[index].ready:
-            self.serve(lambda: self.device.process_queue(index))
-
-    def serve(self, work: Callable[[], None]) -> None:
-        """Run device work on the queues (I/O thread); a broken ring fails the device."""
-        with self.lock:
-            if not self.active:
-                return
-            try:
-                work()
-            except QueueError as exc:
-                self.fail(str(exc))
+        queues = self.device.queues
+        if index < len(queues) and queues[index].ready:
+            self.device.serve(functools.partial(self.device.process_queue, index))
 
     def fail(self, reason: str) -> None:
         """The driver broke the protocol: stop serving until it resets us (2.1.2)."""
-        self.error = reason
-        self.device.stats["errors"] += 1
-        self.status |= DEVICE_NEEDS_RESET
-        self.device.failed()
-        if self.status & DRIVER_OK:
-            self.interrupt(INT_CONFIG)
+        with self.lock:
+            self.error = reason
+            self.device.stats["errors"] += 1
+            self.status |= DEVICE_NEEDS_RESET
+            self.device.failed()
+            if self.status & DRIVER_OK:
+                self.interrupt.signal_config()
 
     def close(self) -> None:
         """Release the device's backend and our eventfds; the I/O thread must be stopped."""
-        close = getattr(self.device, "close", None)
-        if close is not None:
-            close()
+        self.device.close()
         for fd in self.eventfds:
             os.close(fd)
         self.eventfds = []
 
-    def config_changed(self) -> None:
-        with self.lock:
-            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-            self.interrupt(INT_CONFIG)
+    # -- saved state -----------------------------------------------------------------
 
-    def interrupt(self, bits: int) -> None:
-        self.interrupt_status |= bits
-        self._raise_irq()
+    def save(self) -> dict:
+        """The registers and the device's state, as a JSON-able dict."""
+        with self.lock:
+            return {"status": self.status, "device_features_sel": self.device_features_sel,
+                    "driver_features_sel": self.driver_features_sel,
+                    "queue_sel": self.queue_sel, "interrupt_status": self.interrupt.status,
+                    "error": self.error, "device": self.device.save()}
+
+    def restore(self, state: object) -> None:
+        """Take what save() returned (on the same guest memory): the device serves
+        again from where it was if the driver had set DRIVER_OK.  A StateError,
+        with the device left reset, if anything in it is unusable."""
+        saved = StateReader(state, f"virtio-mmio state of {self.device.name}")
+        status = saved.number("status", U32_MAX)
+        selects = [saved.number(key, U32_MAX) for key in
+                   ("device_features_sel", "driver_features_sel", "queue_sel")]
+        interrupt_status = saved.number("interrupt_status", INT_VRING | INT_CONFIG)
+        error = saved.optional_text("error")
+        with self.lock:
+            self.reset()
+            self.device.restore(saved.record("device"))
+            if status & FEATURES_OK and not self._features_acceptable():
+                self.reset()
+                raise StateError(f"the saved {self.device.name} state acked features "
+                                 f"{self.device.acked_features:#x}, which it does not offer")
+            self.status = status
+            self.device_features_sel, self.driver_features_sel, self.queue_sel = selects
+            self.interrupt.status, self.error = interrupt_status, error
+            if self.active:
+                self._reactivate()
+
+    def _reactivate(self) -> None:
+        try:
+            self._activate_queues()
+        except QueueError as exc:
+            self.reset()
+            raise StateError(f"the saved {self.device.name} state does not fit guest "
+                             f"memory: {exc}") from None
+        self.device.activate(self.memory, self.interrupt)
 
 
 def attach(machine: "Machine", iothread: "IoThread", device: VirtioDevice, index: int,

@@ -15,15 +15,18 @@ import os
 import struct
 from typing import Callable
 
-from pyvmm.devices.virtio.mmio import VirtioDevice
-from pyvmm.devices.virtio.queue import Chain, QueueError
+from pyvmm.devices.virtio.chain import Chain, QueueError, Reader
+from pyvmm.devices.virtio.device import VirtioDevice, VirtioInterrupt
+from pyvmm.devices.virtio.state import StateReader, encode_bytes
 from pyvmm.errors import PyvmmError
+from pyvmm.memory import GuestMemory
 
 DEVICE_ID_NET = 1
 RX, TX = 0, 1
 QUEUE_SIZE = 256
 VNET_HDR_SIZE = 12                       # struct virtio_net_hdr_v1 (5.1.6)
-NUM_BUFFERS_OFFSET = 10
+NUM_BUFFERS_OFFSET = 10                  # its le16 num_buffers
+NUM_BUFFERS = struct.Struct("<H")
 # The largest frame either side may hand over: a 64 KiB GSO packet with its
 # Ethernet and VLAN headers, plus the vnet header (Firecracker's MAX_BUFFER_SIZE).
 MAX_PACKET = 65562
@@ -116,17 +119,21 @@ class Net(VirtioDevice):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def activate(self) -> None:
+    def activate(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
+        super().activate(memory, interrupt)
         if self.is_tap:
             offloads = sum(tun for bit, tun in GUEST_OFFLOADS if self.acked(bit))
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, offloads)
         self.watch_tap(True)
 
     def reset(self) -> None:
-        self._pending = None
-        self.watch_tap(False)
+        with self.lock:
+            super().reset()
+            self._pending = None
+            self.watch_tap(False)
 
     def failed(self) -> None:
+        super().failed()
         self.watch_tap(False)
 
     def close(self) -> None:
@@ -134,44 +141,55 @@ class Net(VirtioDevice):
             os.close(self.fd)
             self.fd = -1
 
+    def save(self) -> dict:
+        with self.lock:
+            state = super().save()
+            state["pending_rx"] = None if self._pending is None else encode_bytes(self._pending)
+            return state
+
+    def restore(self, state: object) -> None:
+        """As VirtioDevice.restore, with the received frame that was waiting for
+        receive buffers, if any: it is delivered first."""
+        pending = StateReader(state, f"{self.name} state").optional_blob("pending_rx",
+                                                                          MAX_PACKET)
+        with self.lock:
+            super().restore(state)
+            if pending is not None:
+                self._rx_buffer[:len(pending)] = pending
+                self._pending = memoryview(self._rx_buffer)[:len(pending)]
+
     # -- transmit: guest -> TAP ----------------------------------------------------
 
     def process_queue(self, index: int) -> None:
         if index == TX:
-            self._transmit()
+            sent = self.serve_each(self.queues[TX], self._transmit)
+            self.stats["requests"] += sent
         else:
             self._deliver()             # the guest gave us receive buffers
 
-    def _transmit(self) -> None:
-        queue = self.queues[TX]
-        memory = self.transport.memory
-        sent = 0
-        while (chain := queue.pop()) is not None:
-            if chain.writable:
-                raise QueueError("virtio-net transmit buffers must be device-readable")
-            views = [memory.view(d.addr, d.length) for d in chain.descriptors if d.length]
-            length = sum(len(v) for v in views)
-            if VNET_HDR_SIZE <= length <= MAX_PACKET:
-                try:
-                    os.writev(self.fd, views)
-                    self.stats["tx_packets"] += 1
-                    self.stats["bytes_written"] += length - VNET_HDR_SIZE
-                except OSError:
-                    self.stats["errors"] += 1     # the host side is down: the frame is lost
-            else:
-                self.stats["errors"] += 1
-            queue.push_used(chain.head, 0)
-            sent += 1
-        if sent:
-            self.stats["requests"] += sent
-            self.signal_used(queue)
+    def _transmit(self, chain: Chain) -> int:
+        """Send one frame (vnet header first) to the TAP; the guest gets its
+        buffers back whatever happens to it."""
+        if chain.writable:
+            raise QueueError("virtio-net transmit buffers must be device-readable")
+        frame = chain.reader()
+        length = frame.available_bytes()
+        if not VNET_HDR_SIZE <= length <= MAX_PACKET:
+            self.stats["errors"] += 1
+            return 0
+        try:
+            os.writev(self.fd, frame.views())
+            self.stats["tx_packets"] += 1
+            self.stats["bytes_written"] += length - VNET_HDR_SIZE
+        except OSError:
+            self.stats["errors"] += 1     # the host side is down: the frame is lost
+        return 0
 
     # -- receive: TAP -> guest -----------------------------------------------------
 
     def tap_readable(self) -> None:
         """The TAP has frames (I/O thread)."""
-        if self.transport is not None:
-            self.transport.serve(self._deliver)
+        self.serve(self._deliver)
 
     def _deliver(self) -> None:
         queue = self.queues[RX]
@@ -194,18 +212,21 @@ class Net(VirtioDevice):
         if self._pending is None:
             self.watch_tap(True)
         if delivered:
-            self.signal_used(queue)
+            assert self.interrupt is not None
+            self.interrupt.signal_used(queue)
 
     def _place(self, packet: memoryview) -> bool:
         """Copy one frame (vnet header first) into RX chains; False if none are free."""
         queue = self.queues[RX]
-        memory = self.transport.memory
-        mergeable = self.acked(F_MRG_RXBUF)
         if not queue.has_available():
             return False
+        if not packet:
+            self.stats["rx_dropped"] += 1          # nothing to deliver, not even a header
+            return True
+        mergeable = self.acked(F_MRG_RXBUF)
+        frame = Reader([packet])
         used: list[tuple[Chain, int]] = []
-        offset = 0
-        while offset < len(packet):
+        while frame.available_bytes():
             chain = queue.pop()
             if chain is None:
                 if len(used) < queue.size:
@@ -218,25 +239,30 @@ class Net(VirtioDevice):
                     queue.push_used(taken.head, 0)
                 self.stats["rx_dropped"] += 1
                 return True
-            if chain.readable:
-                raise QueueError("virtio-net receive buffers must be device-writable")
-            written = 0
-            for desc in chain.writable:
-                n = min(desc.length, len(packet) - offset)
-                if n:
-                    memory.write(desc.addr, packet[offset:offset + n])
-                offset += n
-                written += n
-            used.append((chain, written))
+            used.append((chain, self._fill(chain, frame)))
             if not mergeable:
                 break
-        if offset < len(packet) and not mergeable:
+        if frame.available_bytes():
             self.stats["rx_dropped"] += 1          # the frame did not fit a single chain
-        first = used[0][0].writable
-        if first and first[0].length >= VNET_HDR_SIZE:
-            memory.write_int(first[0].addr + NUM_BUFFERS_OFFSET, 2, len(used))
+        self._set_num_buffers(used[0][0], len(used))
         for chain, written in used:
             queue.push_used(chain.head, written)
         self.stats["rx_packets"] += 1
         self.stats["bytes_read"] += len(packet) - VNET_HDR_SIZE
         return True
+
+    def _fill(self, chain: Chain, frame: Reader) -> int:
+        """Copy as much of the rest of the frame as fits into chain; returns how much."""
+        if chain.readable:
+            raise QueueError("virtio-net receive buffers must be device-writable")
+        buffers = chain.writer()
+        for piece in frame.views(min(frame.available_bytes(), buffers.available_bytes())):
+            buffers.write(piece)
+        return buffers.bytes_written
+
+    def _set_num_buffers(self, first: Chain, count: int) -> None:
+        """5.1.6.4: the frame's header, in its first chain, says how many chains it took."""
+        header = first.writer()
+        if header.available_bytes() >= VNET_HDR_SIZE:
+            header.skip(NUM_BUFFERS_OFFSET)
+            header.write_obj(NUM_BUFFERS, count)

@@ -8,10 +8,12 @@ NEEDS_RESET instead of serving a request it cannot trust.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
-from typing import NamedTuple
+from dataclasses import dataclass
 
-from pyvmm.errors import PyvmmError
+from pyvmm.devices.virtio.chain import Chain, Descriptor, QueueError
+from pyvmm.devices.virtio.state import U16_MAX, U32_MAX, U64_MAX, StateReader
 from pyvmm.kvm import lib
 from pyvmm.memory import GuestMemory, GuestMemoryError
 
@@ -29,30 +31,36 @@ MAX_CHAIN_BYTES = 1 << 32             # a chain's total length must fit the used
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_new_tuple = tuple.__new__             # Descriptor(...), Chain(...) without NamedTuple's slower __new__
 
 
-class QueueError(PyvmmError):
-    """The driver broke a virtqueue rule; the device must be reset."""
+@dataclass(frozen=True)
+class QueueState:
+    """What save() keeps of a queue: the driver's layout and both sides' indices."""
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    indirect: bool
+    signalled_used: int | None        # the used index last interrupted for (EVENT_IDX)
 
-
-class Descriptor(NamedTuple):
-    addr: int
-    length: int
-    writable: bool
-
-
-class Chain(NamedTuple):
-    """One request: its head index and its buffers in order."""
-    head: int
-    descriptors: tuple[Descriptor, ...]
-
-    @property
-    def readable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if not d.writable]
-
-    @property
-    def writable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if d.writable]
+    @classmethod
+    def parse(cls, state: object) -> "QueueState":
+        """Read a saved queue; StateError if any field is of the wrong type or range.
+        Whether the layout fits guest RAM is checked when the queue is activated."""
+        saved = StateReader(state, "virtqueue")
+        return cls(size=saved.number("size", U32_MAX), ready=saved.flag("ready"),
+                   desc_addr=saved.number("desc_addr", U64_MAX),
+                   avail_addr=saved.number("avail_addr", U64_MAX),
+                   used_addr=saved.number("used_addr", U64_MAX),
+                   next_avail=saved.number("next_avail", U16_MAX),
+                   next_used=saved.number("next_used", U16_MAX),
+                   event_idx=saved.flag("event_idx"), indirect=saved.flag("indirect"),
+                   signalled_used=saved.optional_number("signalled_used", U16_MAX))
 
 
 class Virtqueue:
@@ -81,6 +89,24 @@ class Virtqueue:
         self._signalled_used: int | None = None
         self._desc = self._avail = self._used = memoryview(b"")
         self._avail_event_at = self._used_event_at = 0
+
+    # -- saved state -------------------------------------------------------------
+
+    def save(self) -> dict:
+        return dataclasses.asdict(QueueState(
+            self.size, self.ready, self.desc_addr, self.avail_addr, self.used_addr,
+            self.next_avail, self.next_used, self.event_idx, self.indirect,
+            self._signalled_used))
+
+    def load(self, state: QueueState) -> None:
+        """Take a saved state, inactive: activate() checks it against guest RAM."""
+        self.reset()
+        self.size, self.ready = state.size, state.ready
+        self.desc_addr, self.avail_addr, self.used_addr = \
+            state.desc_addr, state.avail_addr, state.used_addr
+        self.next_avail, self.next_used = state.next_avail, state.next_used
+        self.event_idx, self.indirect = state.event_idx, state.indirect
+        self._signalled_used = state.signalled_used
 
     # -- set-up ------------------------------------------------------------------
 
@@ -131,7 +157,7 @@ class Virtqueue:
         head = _U16.unpack_from(self._avail, RING_HEADER + 2 * slot)[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._publish_avail_event()
-        return Chain(head, tuple(self._walk(head)))
+        return self._walk(head)
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` chains popped and not yet used, so that a
@@ -149,13 +175,17 @@ class Virtqueue:
             # 2.7.10: tell the driver which avail index to notify us at.
             _U16.pack_into(self._used, self._avail_event_at, self.next_avail)
 
-    def _walk(self, head: int) -> list[Descriptor]:
+    def _walk(self, head: int) -> Chain:
         mem = self._mem()
         table, count = self._desc, self.size
         index, seen, total = head, 0, 0
         out: list[Descriptor] = []
+        # Views of the buffers, made while checking them: the cursors' whole
+        # cost of reaching guest RAM.  Device-readable ones come first (2.7.4.2),
+        # so one index splits them from the device-writable ones.
+        views: list[memoryview] = []
+        readable: tuple[int, int] | None = None    # (views, bytes) before the first writable
         in_indirect = False
-        saw_writable = False
         while True:
             seen += 1
             if seen > count:
@@ -176,17 +206,24 @@ class Virtqueue:
                 index, seen, in_indirect = 0, 0, True
                 continue
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
-            if saw_writable and not writable:
+            if writable:
+                if readable is None:
+                    readable = len(views), total
+            elif readable is not None:
                 raise QueueError("a device-readable buffer follows a device-writable one")
-            saw_writable |= writable
-            if length and not mem.contains(addr, length):
-                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+            if length:
+                try:
+                    views.append(mem.view(addr, length))
+                except GuestMemoryError:
+                    raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") \
+                        from None
             total += length
             if total >= MAX_CHAIN_BYTES:
                 raise QueueError("descriptor chain is longer than 4 GiB")
-            out.append(Descriptor(addr, length, writable))
+            out.append(_new_tuple(Descriptor, (addr, length, writable)))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return out
+                split, readable_bytes = (len(views), total) if readable is None else readable
+                return _new_tuple(Chain, (head, tuple(out), views, split, readable_bytes, total))
             index = nxt
 
     # -- the used ring -----------------------------------------------------------

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.devices.virtio.mmio import VirtioDevice
-from pyvmm.devices.virtio.queue import QueueError
+from pyvmm.devices.virtio.chain import Chain, QueueError
+from pyvmm.devices.virtio.device import VirtioDevice
 
 DEVICE_ID_ENTROPY = 4
 MAX_REQUEST = 64 * 1024                 # per chain; the driver asks for far less
@@ -16,22 +16,16 @@ class Rng(VirtioDevice):
     name = "virtio-rng"
 
     def process_queue(self, index: int) -> None:
-        queue = self.queues[index]
-        memory = self.transport.memory
-        served = 0
-        while (chain := queue.pop()) is not None:
-            if chain.readable:
-                raise QueueError("virtio-rng buffers must be device-writable")
-            budget, written = MAX_REQUEST, 0
-            for desc in chain.writable:
-                n = min(desc.length, budget)
-                if n:
-                    memory.write(desc.addr, os.getrandom(n))
-                written += n
-                budget -= n
-            self.stats["requests"] += 1
-            self.stats["bytes_read"] += written
-            queue.push_used(chain.head, written)
-            served += 1
-        if served:
-            self.signal_used(queue)
+        self.serve_each(self.queues[index], self._fill)
+
+    def _fill(self, chain: Chain) -> int:
+        if chain.readable:
+            raise QueueError("virtio-rng buffers must be device-writable")
+        buffers = chain.writer()
+        wanted = min(buffers.available_bytes(), MAX_REQUEST)
+        if wanted:
+            # getrandom() may return fewer bytes than asked: the driver gets those.
+            buffers.write(os.getrandom(wanted))
+        self.stats["requests"] += 1
+        self.stats["bytes_read"] += buffers.bytes_written
+        return buffers.bytes_written

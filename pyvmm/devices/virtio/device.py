@@ -1,0 +1,193 @@
+"""The virtio device contract (Firecracker's VirtioDevice trait), independent of
+the transport that puts a device on a bus.
+
+A device owns its queues, its config space and what the driver acked.  It
+gets guest memory and its interrupt only when the driver is ready
+(activate(), at DRIVER_OK), serves its queues under its own lock, and can
+save and restore all of its state as a plain dict.
+
+Threads: the transport calls in from vCPU threads (register accesses) and the
+I/O thread (queue kicks); backend events (a TAP) arrive on the I/O thread;
+the API thread may swap a disk.  `lock` orders all of them.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from pyvmm.devices.virtio.chain import Chain, QueueError
+from pyvmm.devices.virtio.queue import QueueState, Virtqueue
+from pyvmm.devices.virtio.state import U32_MAX, U64_MAX, StateError, StateReader, \
+    encode_bytes
+from pyvmm.memory import GuestMemory
+
+# Device status bits (2.1)
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+DEVICE_NEEDS_RESET, FAILED = 64, 128
+
+# InterruptStatus bits (4.2.2): used buffers, configuration change
+INT_VRING, INT_CONFIG = 1, 2
+
+# Reserved feature bits (6)
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+FEATURE_PAGES = 2                      # 64 feature bits, selected 32 at a time (4.2.2)
+MAX_CONFIG_SIZE = 0x1000 - 0x100       # what fits a virtio-mmio window after the registers
+
+
+class VirtioInterrupt:
+    """A device's line to its driver (Firecracker's IrqTrigger): the InterruptStatus
+    bits the transport shows, and the IRQ raised when one is set."""
+
+    def __init__(self, raise_irq: Callable[[], None],
+                 needs_reset: Callable[[str], None]) -> None:
+        self.status = 0
+        self._raise_irq = raise_irq
+        self._needs_reset = needs_reset
+
+    def signal_used(self, queue: Virtqueue) -> None:
+        """Used buffers were returned on `queue`: interrupt if the driver wants it."""
+        if queue.needs_interrupt():
+            self._trigger(INT_VRING)
+
+    def signal_config(self) -> None:
+        self._trigger(INT_CONFIG)
+
+    def signal_needs_reset(self, reason: str) -> None:
+        """The driver broke the protocol: DEVICE_NEEDS_RESET, then a configuration
+        change notification (2.1.2)."""
+        self._needs_reset(reason)
+
+    def acknowledge(self, bits: int) -> None:
+        self.status &= ~bits
+
+    def _trigger(self, bits: int) -> None:
+        self.status |= bits
+        self._raise_irq()
+
+
+class VirtioDevice:
+    """A device behind a transport.  Subclasses set the class attributes and
+    implement process_queue(); they extend activate(), reset(), failed(),
+    close(), save() and restore() for what they hold beyond the queues."""
+
+    device_id = 0
+    queue_sizes: tuple[int, ...] = (256,)
+    name = "virtio"
+
+    def __init__(self) -> None:
+        self.features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | \
+            (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        self.config = bytearray()
+        self.queues = [Virtqueue(size) for size in self.queue_sizes]
+        self.stats: dict[str, int] = {"requests": 0, "bytes_read": 0, "bytes_written": 0,
+                                      "errors": 0}
+        self.lock = threading.RLock()
+        self.acked_features = 0            # what the driver wrote, checked at FEATURES_OK
+        self.config_generation = 0         # bumped on each config change (4.2.2)
+        self.memory: GuestMemory | None = None
+        self.interrupt: VirtioInterrupt | None = None
+        self.serving = False               # activated and not failed: queue work runs
+
+    # -- the contract --------------------------------------------------------------
+
+    def process_queue(self, index: int) -> None:
+        """Serve what the driver made available on queue `index` (I/O thread, locked)."""
+        raise NotImplementedError
+
+    def activate(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
+        """The driver is ready (DRIVER_OK); the transport has activated the queues."""
+        self.memory, self.interrupt, self.serving = memory, interrupt, True
+
+    def reset(self) -> None:
+        """The driver reset the device (status 0): back to as constructed."""
+        with self.lock:
+            self.acked_features = 0
+            self.config_generation = 0
+            self.memory, self.interrupt, self.serving = None, None, False
+            for queue in self.queues:
+                queue.reset()
+
+    def failed(self) -> None:
+        """The device stopped serving (NEEDS_RESET) until the driver resets it."""
+        self.serving = False
+
+    def close(self) -> None:
+        """Release the backend (a file, a TAP); the device is not used again."""
+
+    def save(self) -> dict:
+        with self.lock:
+            return {"device": self.name, "acked_features": self.acked_features,
+                    "config": encode_bytes(self.config),
+                    "config_generation": self.config_generation,
+                    "queues": [queue.save() for queue in self.queues]}
+
+    def restore(self, state: object) -> None:
+        """Take what save() returned, inactive (the transport activates the device
+        again if the driver had); StateError, with nothing applied, if it is unusable."""
+        saved = StateReader(state, f"{self.name} state")
+        if saved.text("device") != self.name:
+            raise StateError(f"the saved state is a {saved.text('device')}'s, "
+                             f"not a {self.name}'s")
+        acked = saved.number("acked_features", U64_MAX)
+        config = saved.blob("config", MAX_CONFIG_SIZE)
+        if len(config) != len(self.config):
+            raise StateError(f"the saved {self.name} config space is {len(config)} bytes; "
+                             f"this device's is {len(self.config)}")
+        generation = saved.number("config_generation", U32_MAX)
+        queues = [QueueState.parse(queue)
+                  for queue in saved.items("queues", len(self.queues))]
+        with self.lock:
+            self.reset()
+            self.acked_features, self.config_generation = acked, generation
+            self.config[:] = config
+            for queue, queue_state in zip(self.queues, queues):
+                queue.load(queue_state)
+
+    # -- for subclasses ------------------------------------------------------------
+
+    def acked(self, bit: int) -> bool:
+        return bool(self.acked_features >> bit & 1)
+
+    def ack_features(self, page: int, value: int) -> None:
+        """The driver wrote 32 bits of DriverFeatures (`page` 0 or 1)."""
+        shift = 32 * page
+        self.acked_features = (self.acked_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if offset + size > len(self.config):
+            return bytes(size)
+        return bytes(self.config[offset:offset + size])
+
+    def serve(self, work: Callable[[], None]) -> None:
+        """Run queue work (I/O thread): a kick, or a backend with data for the guest.
+        A broken ring stops the device until the driver resets it."""
+        with self.lock:
+            if not self.serving:
+                return
+            try:
+                work()
+            except QueueError as exc:
+                assert self.interrupt is not None
+                self.interrupt.signal_needs_reset(str(exc))
+
+    def serve_each(self, queue: Virtqueue, serve: Callable[[Chain], int]) -> int:
+        """Serve every available chain on `queue` (serve returns the bytes it wrote
+        into the chain), then interrupt the driver once if it wants; returns how many."""
+        served = 0
+        while (chain := queue.pop()) is not None:
+            queue.push_used(chain.head, serve(chain))
+            served += 1
+        if served:
+            assert self.interrupt is not None
+            self.interrupt.signal_used(queue)
+        return served
+
+    def config_changed(self) -> None:
+        """The device changed its config space: a new generation, and a notification
+        once the driver is ready (before DRIVER_OK it reads the config afresh)."""
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if self.interrupt is not None:
+            self.interrupt.signal_config()
