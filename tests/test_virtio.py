@@ -18,7 +18,8 @@ from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.blk import Block, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, \
     T_OUT, DiskError
 from pyvmm.devices.virtio.chain import ChainTooShort, Reader, Writer
-from pyvmm.devices.virtio.device import DEVICE_NEEDS_RESET
+from pyvmm.devices.virtio.device import ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, \
+    FEATURES_OK
 from pyvmm.devices.virtio.driver import HostDriver
 from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, \
     VIRTQ_DESC_F_WRITE
@@ -125,6 +126,27 @@ def test_blk_capacity_and_disk_swap(memory, disk, tmp_path):
     device.replace_backing(other)
     assert struct.unpack_from("<Q", t.read(mmio.CONFIG, 8))[0] == 10
     assert t.interrupt_status & mmio.INT_CONFIG and irq.count == before + 1
+
+
+def test_a_failed_disk_swap_keeps_the_old_image(memory, disk, tmp_path):
+    device, t, driver, irq = make_blk(memory, disk)
+    before = irq.count
+    with pytest.raises(DiskError, match="cannot open"):
+        device.replace_backing(tmp_path / "missing.img")
+    assert irq.count == before and struct.unpack_from("<Q", device.config)[0] == DISK_SECTORS
+    head, used, status, buf = blk_request(driver, T_IN, 1, 512)
+    assert status == S_OK and memory.read(buf, 512) == disk.read_bytes()[512:1024]
+
+
+def test_a_driver_that_takes_driver_ok_back_is_not_served_until_it_sets_it(memory, disk):
+    _, t, driver, _ = make_blk(memory, disk)
+    ready = ACKNOWLEDGE | DRIVER | FEATURES_OK
+    t.write(mmio.STATUS, ready.to_bytes(4, "little"))
+    head, used, _, _ = blk_request(driver, T_IN, 0, 512)
+    assert used == []
+    t.write(mmio.STATUS, (ready | DRIVER_OK).to_bytes(4, "little"))
+    driver.kick()
+    assert driver.used() == [(head, 513)]
 
 
 def test_bad_disk_images_are_refused(tmp_path):
@@ -636,7 +658,7 @@ def with_value(state: dict, path: tuple, value: object) -> dict:
     (("device", "queues", 0, "next_avail"), -1, "next_avail"),
     (("device", "queues", 0, "ready"), 1, "ready"),
     (("device", "queues"), [], "queues"),
-    (("device", "acked_features"), 1 << 60, "does not offer"),
+    (("device", "acked_features"), 1 << 60, "not offer"),
     (("device", "device"), "virtio-net", "virtio-net"),
     (("device", "config"), "not base64!", "base64"),
     (("device",), None, "not an object"),

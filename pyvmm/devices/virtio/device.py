@@ -70,7 +70,7 @@ class VirtioInterrupt:
 
 class VirtioDevice:
     """A device behind a transport.  Subclasses set the class attributes and
-    implement process_queue(); they extend activate(), reset(), failed(),
+    implement process_queue(); they extend activate(), reset(), stop_serving(),
     close(), save() and restore() for what they hold beyond the queues."""
 
     device_id = 0
@@ -89,7 +89,7 @@ class VirtioDevice:
         self.config_generation = 0         # bumped on each config change (4.2.2)
         self.memory: GuestMemory | None = None
         self.interrupt: VirtioInterrupt | None = None
-        self.serving = False               # activated and not failed: queue work runs
+        self.serving = False               # activated and not stopped: queue work runs
 
     # -- the contract --------------------------------------------------------------
 
@@ -110,8 +110,9 @@ class VirtioDevice:
             for queue in self.queues:
                 queue.reset()
 
-    def failed(self) -> None:
-        """The device stopped serving (NEEDS_RESET) until the driver resets it."""
+    def stop_serving(self) -> None:
+        """Serve nothing until activated again: the driver broke the protocol
+        (DEVICE_NEEDS_RESET) or took DRIVER_OK back."""
         self.serving = False
 
     def close(self) -> None:

@@ -84,10 +84,6 @@ class VirtioMmio:
     def interrupt_status(self) -> int:
         return self.interrupt.status
 
-    @property
-    def driver_features(self) -> int:
-        return self.device.acked_features
-
     # -- guest register access (vCPU threads) --------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
@@ -160,6 +156,8 @@ class VirtioMmio:
             self.interrupt.acknowledge(value)
         elif offset == STATUS:
             self._set_status(value)
+            if not self.active and self.device.serving:
+                self.device.stop_serving()      # DRIVER_OK taken back, or NEEDS_RESET written
 
     @staticmethod
     def _set_queue_address(queue: Virtqueue, offset: int, value: int) -> None:
@@ -224,7 +222,7 @@ class VirtioMmio:
             self.error = reason
             self.device.stats["errors"] += 1
             self.status |= DEVICE_NEEDS_RESET
-            self.device.failed()
+            self.device.stop_serving()
             if self.status & DRIVER_OK:
                 self.interrupt.signal_config()
 
@@ -260,8 +258,9 @@ class VirtioMmio:
             self.device.restore(saved.record("device"))
             if status & FEATURES_OK and not self._features_acceptable():
                 self.reset()
-                raise StateError(f"the saved {self.device.name} state acked features "
-                                 f"{self.device.acked_features:#x}, which it does not offer")
+                raise StateError(f"the saved {self.device.name} state has FEATURES_OK with "
+                                 f"features {self.device.acked_features:#x}, which it does "
+                                 f"not offer (or without VERSION_1)")
             self.status = status
             self.device_features_sel, self.driver_features_sel, self.queue_sel = selects
             self.interrupt.status, self.error = interrupt_status, error
@@ -273,8 +272,8 @@ class VirtioMmio:
             self._activate_queues()
         except QueueError as exc:
             self.reset()
-            raise StateError(f"the saved {self.device.name} state does not fit guest "
-                             f"memory: {exc}") from None
+            raise StateError(f"the saved {self.device.name} state cannot be activated: "
+                             f"{exc}") from None
         self.device.activate(self.memory, self.interrupt)
 
 

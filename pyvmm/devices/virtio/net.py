@@ -132,8 +132,8 @@ class Net(VirtioDevice):
             self._pending = None
             self.watch_tap(False)
 
-    def failed(self) -> None:
-        super().failed()
+    def stop_serving(self) -> None:
+        super().stop_serving()
         self.watch_tap(False)
 
     def close(self) -> None:
