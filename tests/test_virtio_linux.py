@@ -91,7 +91,7 @@ def test_the_read_only_disk_refuses_writes(vm):
 def test_hwrng_gives_random_bytes(vm):
     out = run_in_shell(vm, "head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'; echo")
     hexdigits = re.search(r"[0-9a-f]{64}", out)
-    assert hexdigits and hexdigits.group(0) != "0" * 64
+    assert hexdigits and hexdigits.group(0) != "0" * 64, out
     assert vm.stats["virtio"]["entropy"]["bytes_read"] >= 32
 
 
