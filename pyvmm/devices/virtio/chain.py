@@ -25,31 +25,18 @@ class ChainTooShort(QueueError):
     """A request needs more bytes than the driver's buffers hold."""
 
 
-class Descriptor(NamedTuple):
-    addr: int
-    length: int
-    writable: bool
-
-
 class Chain(NamedTuple):
-    """One request: its head index, its buffers in order, and views of the
-    non-empty ones in guest RAM (made by the queue as it checked each buffer):
-    the first `split` views, `readable_bytes` in all, are device-readable and
-    the rest device-writable.  Devices use the cursors, not the views."""
+    """One request, as the queue found it checking each buffer against guest RAM:
+    views of its non-empty buffers, the first `split` of them (`readable_bytes`
+    in all) device-readable and the rest device-writable, and how many buffers
+    (empty ones too) each direction has.  Devices use the cursors, not the views."""
     head: int
-    descriptors: tuple[Descriptor, ...]
     views: list[memoryview]
     split: int
     readable_bytes: int
     total_bytes: int
-
-    @property
-    def readable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if not d.writable]
-
-    @property
-    def writable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if d.writable]
+    readable_buffers: int
+    writable_buffers: int
 
     def reader(self) -> "Reader":
         """A cursor over the device-readable bytes, in order."""

@@ -129,9 +129,9 @@ class VirtioDevice:
         """Take what save() returned, inactive (the transport activates the device
         again if the driver had); StateError, with nothing applied, if it is unusable."""
         saved = StateReader(state, f"{self.name} state")
-        if saved.text("device") != self.name:
-            raise StateError(f"the saved state is a {saved.text('device')}'s, "
-                             f"not a {self.name}'s")
+        kind = saved.text("device")
+        if kind != self.name:
+            raise StateError(f"the saved state is a {kind[:40]!r} device's, not a {self.name}'s")
         acked = saved.number("acked_features", U64_MAX)
         config = saved.blob("config", MAX_CONFIG_SIZE)
         if len(config) != len(self.config):

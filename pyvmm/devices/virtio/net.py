@@ -114,7 +114,7 @@ class Net(VirtioDevice):
         self.stats.update(rx_packets=0, tx_packets=0, rx_dropped=0)
         self._rx_buffer = bytearray(MAX_PACKET)
         self._pending: memoryview | None = None      # a packet waiting for RX buffers
-        # Set by the VM: stop/start watching the TAP for input (I/O thread only).
+        # Set by attach(): stop/start watching the TAP for input (I/O thread only).
         self.watch_tap: Callable[[bool], None] = lambda on: None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -170,7 +170,7 @@ class Net(VirtioDevice):
     def _transmit(self, chain: Chain) -> int:
         """Send one frame (vnet header first) to the TAP; the guest gets its
         buffers back whatever happens to it."""
-        if chain.writable:
+        if chain.writable_buffers:
             raise QueueError("virtio-net transmit buffers must be device-readable")
         frame = chain.reader()
         length = frame.available_bytes()
@@ -253,7 +253,7 @@ class Net(VirtioDevice):
 
     def _fill(self, chain: Chain, frame: Reader) -> int:
         """Copy as much of the rest of the frame as fits into chain; returns how much."""
-        if chain.readable:
+        if chain.readable_buffers:
             raise QueueError("virtio-net receive buffers must be device-writable")
         buffers = chain.writer()
         for piece in frame.views(min(frame.available_bytes(), buffers.available_bytes())):

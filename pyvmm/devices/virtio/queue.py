@@ -12,7 +12,7 @@ import dataclasses
 import struct
 from dataclasses import dataclass
 
-from pyvmm.devices.virtio.chain import Chain, Descriptor, QueueError
+from pyvmm.devices.virtio.chain import Chain, QueueError
 from pyvmm.devices.virtio.state import U16_MAX, U32_MAX, U64_MAX, StateReader
 from pyvmm.kvm import lib
 from pyvmm.memory import GuestMemory, GuestMemoryError
@@ -31,7 +31,7 @@ MAX_CHAIN_BYTES = 1 << 32             # a chain's total length must fit the used
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
-_new_tuple = tuple.__new__             # Descriptor(...), Chain(...) without NamedTuple's slower __new__
+_new_tuple = tuple.__new__             # Chain(...) without NamedTuple's slower __new__
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,8 @@ class Virtqueue:
 
     def pop(self) -> Chain | None:
         """The next available chain, or None.  Raises QueueError on a bad ring."""
-        avail = self.avail_idx()
+        mem = self._mem()
+        avail = _U16.unpack_from(self._avail, 2)[0]
         pending = (avail - self.next_avail) & 0xFFFF
         if pending == 0:
             return None
@@ -157,7 +158,7 @@ class Virtqueue:
         head = _U16.unpack_from(self._avail, RING_HEADER + 2 * slot)[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._publish_avail_event()
-        return self._walk(head)
+        return self._walk(mem, head)
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` chains popped and not yet used, so that a
@@ -175,17 +176,16 @@ class Virtqueue:
             # 2.7.10: tell the driver which avail index to notify us at.
             _U16.pack_into(self._used, self._avail_event_at, self.next_avail)
 
-    def _walk(self, head: int) -> Chain:
-        mem = self._mem()
+    def _walk(self, mem: GuestMemory, head: int) -> Chain:
         table, count = self._desc, self.size
         index, seen, total = head, 0, 0
-        out: list[Descriptor] = []
         # Views of the buffers, made while checking them: the cursors' whole
         # cost of reaching guest RAM.  Device-readable ones come first (2.7.4.2),
         # so one index splits them from the device-writable ones.
         views: list[memoryview] = []
-        readable: tuple[int, int] | None = None    # (views, bytes) before the first writable
-        in_indirect = False
+        view_of = mem.view
+        readable: tuple[int, int, int] | None = None   # (views, bytes, buffers) before
+        in_indirect = False                            # the first writable buffer
         while True:
             seen += 1
             if seen > count:
@@ -194,7 +194,9 @@ class Virtqueue:
                 raise QueueError(f"descriptor index {index} is outside a {count}-entry table")
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if not self.indirect or in_indirect or out:
+                # Only as the chain's one descriptor in the ring's table (2.7.5.3.1):
+                # the indirect table's then counts from 0, so `seen` counts buffers.
+                if not self.indirect or in_indirect or seen > 1:
                     raise QueueError("indirect descriptor where none is allowed")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise QueueError("an indirect descriptor must not have NEXT set")
@@ -205,25 +207,25 @@ class Virtqueue:
                 table, count = mem.view(addr, length), length // DESC_SIZE
                 index, seen, in_indirect = 0, 0, True
                 continue
-            writable = bool(flags & VIRTQ_DESC_F_WRITE)
-            if writable:
+            if flags & VIRTQ_DESC_F_WRITE:
                 if readable is None:
-                    readable = len(views), total
+                    readable = len(views), total, seen - 1
             elif readable is not None:
                 raise QueueError("a device-readable buffer follows a device-writable one")
             if length:
                 try:
-                    views.append(mem.view(addr, length))
+                    views.append(view_of(addr, length))
                 except GuestMemoryError:
                     raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") \
                         from None
             total += length
             if total >= MAX_CHAIN_BYTES:
                 raise QueueError("descriptor chain is longer than 4 GiB")
-            out.append(_new_tuple(Descriptor, (addr, length, writable)))
             if not flags & VIRTQ_DESC_F_NEXT:
-                split, readable_bytes = (len(views), total) if readable is None else readable
-                return _new_tuple(Chain, (head, tuple(out), views, split, readable_bytes, total))
+                split, readable_bytes, readable_buffers = \
+                    (len(views), total, seen) if readable is None else readable
+                return _new_tuple(Chain, (head, views, split, readable_bytes, total,
+                                          readable_buffers, seen - readable_buffers))
             index = nxt
 
     # -- the used ring -----------------------------------------------------------

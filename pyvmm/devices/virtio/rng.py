@@ -19,7 +19,7 @@ class Rng(VirtioDevice):
         self.serve_each(self.queues[index], self._fill)
 
     def _fill(self, chain: Chain) -> int:
-        if chain.readable:
+        if chain.readable_buffers:
             raise QueueError("virtio-rng buffers must be device-writable")
         buffers = chain.writer()
         wanted = min(buffers.available_bytes(), MAX_REQUEST)
