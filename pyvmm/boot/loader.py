@@ -125,6 +125,9 @@ def _load_pvh(memory: GuestMemory, data: bytes, initrd: bytes, cmdline: str,
             raise BootError(f"{what} has a segment at {seg.paddr:#x}, below 1 MiB where "
                             "pyvmm keeps its boot tables")
         _check_fits(memory, seg.paddr, seg.memsz, "kernel")
+    if not any(seg.paddr <= kernel.entry < seg.paddr + seg.memsz for seg in kernel.segments):
+        raise BootError(f"{what}'s PVH entry point {kernel.entry:#x} is not inside any of its "
+                        "loadable segments: the ELF is corrupt")
     for seg in kernel.segments:
         memory.write(seg.paddr, seg.data)
         memory.fill(seg.paddr + len(seg.data), seg.memsz - len(seg.data))
