@@ -57,7 +57,10 @@ def vm(guest, disks, netns, module_microvm_factory):
                 drive("ro", disks["ro"], read_only=True)],
         nets=[{"iface_id": "eth0", "host_dev_name": netns.tap, "guest_mac": MAC}],
         netns=netns)                       # the TAP lives in the test's namespace
-    run_in_shell(machine, f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up")
+    # Kernel messages (e.g. "random: crng init done", EXT4 mount notes) would land in
+    # the middle of the commands' output on the shared console: keep them off it.
+    run_in_shell(machine, f"dmesg -n 1 && ip addr add {GUEST_IP}/24 dev eth0 && "
+                          "ip link set eth0 up")
     return machine
 
 
