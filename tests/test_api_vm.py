@@ -14,7 +14,6 @@ pyvmm.config.VmSpec, the one model the VM is built from.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
 import pytest
@@ -119,23 +118,6 @@ def test_run_with_a_config_file_serves_it_on_the_api(tmp_path, echo_config, spaw
         api.call("PATCH", "/vm", {"state": "Resumed"}, 204)
     proc.write(b"!")
     assert proc.wait(30) == 0, proc.stderr()
-
-
-def test_socket_ready_time(tmp_path, spawn_pyvmm, record_property):
-    """From process start (fork+exec of `python -m pyvmm api`) until the API socket
-    accepts a connection: the median of five runs."""
-    times = []
-    for run in range(5):
-        sock = tmp_path / f"api{run}.sock"
-        proc = spawn_pyvmm("api", "--api-sock", str(sock), "--console", "none")
-        times.append(wait_for_socket(sock, proc))
-        proc.send_signal()
-        proc.wait(10)
-    median = statistics.median(times)
-    record_property("socket_ready_median_s", median)
-    print(f"\nAPI socket ready after {median * 1000:.0f} ms (median of "
-          f"{', '.join(f'{t * 1000:.0f}' for t in times)} ms)")
-    assert median < 2.0
 
 
 # -- the one Linux boot --------------------------------------------------------------------------
