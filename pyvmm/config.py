@@ -41,6 +41,9 @@ DEFAULT_MEM_MIB = 128
 # time on KVM PVM hosts).
 DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux "
                      "i8042.nopnp i8042.dumbkbd")
+# A console file's size cap (SerialConfig.serial_out_max_bytes, --console-limit).
+DEFAULT_SERIAL_OUT_MAX_BYTES = 64 << 20
+MAX_SERIAL_OUT_MAX_BYTES = 1 << 50
 ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 MAX_TAP_NAME = 15          # IFNAMSIZ - 1
@@ -111,7 +114,9 @@ def _unsupported(where: str, fields: dict[str, Any], defaults: dict[str, Any]) -
                               + (f" (only {_describe(default)})" if default is not None else ""))
 
 
-def _existing_file(where: str, what: str, path: str, writable: bool = False) -> str:
+def _existing_file(where: str, what: str, path: str, writable: bool = False,
+                   block_device_ok: bool = True) -> str:
+    """A kernel or initrd (a regular file), or a drive (a regular file or block device)."""
     if not path:
         raise ConfigError(f"{where}: {what} is empty")
     try:
@@ -120,6 +125,8 @@ def _existing_file(where: str, what: str, path: str, writable: bool = False) -> 
         raise ConfigError(f"{where}: {what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"{where}: {what} {path} cannot be used: {exc.strerror}") from None
+    if not block_device_ok and not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: {what} {path} is not a regular file")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ConfigError(f"{where}: {what} {path} is not a regular file or block device")
     if not os.access(path, os.R_OK | (os.W_OK if writable else 0)):
@@ -129,9 +136,19 @@ def _existing_file(where: str, what: str, path: str, writable: bool = False) -> 
 
 
 def _output_path(where: str, what: str, path: str) -> str:
-    """A log, metrics or serial output: a file (created if missing) or a FIFO."""
+    """A log, metrics or serial output: a file (created if missing) or a FIFO, never
+    reached through a symbolic link at the last component (pyvmm.host_files)."""
     if not path:
         raise ConfigError(f"{where}: {what} is empty")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"{where}: {what} {path} is a symbolic link: give the file itself")
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)
+                               or stat.S_ISDIR(st.st_mode)):
+        raise ConfigError(f"{where}: {what} {path} is neither a regular file nor a FIFO")
     parent = Path(path).parent
     if not Path(path).exists() and not parent.is_dir():
         raise ConfigError(f"{where}: {what} {path} cannot be created: {parent} is not a "
@@ -155,9 +172,10 @@ class BootSource:
     @classmethod
     def from_json(cls, body: Any, where: str = "boot-source") -> "BootSource":
         f = _object(where, body, cls.FIELDS)
-        _existing_file(where, "kernel_image_path", f["kernel_image_path"])
+        _existing_file(where, "kernel_image_path", f["kernel_image_path"],
+                       block_device_ok=False)
         if "initrd_path" in f:
-            _existing_file(where, "initrd_path", f["initrd_path"])
+            _existing_file(where, "initrd_path", f["initrd_path"], block_device_ok=False)
         if "\0" in f.get("boot_args", ""):
             raise ConfigError(f"{where}: boot_args contains a NUL byte")
         return cls(**f)
@@ -406,8 +424,12 @@ class Metrics:
 @dataclass
 class SerialConfig:
     serial_out_path: str | None = None      # None: the process's choice (stdout by default)
+    # A pyvmm extension: a console file stops growing here (what follows is dropped
+    # and counted), so that a guest cannot fill the host's disk through its console.
+    serial_out_max_bytes: int = DEFAULT_SERIAL_OUT_MAX_BYTES
 
-    FIELDS = {"serial_out_path": (str, False), "rate_limiter": (dict, False)}
+    FIELDS = {"serial_out_path": (str, False), "rate_limiter": (dict, False),
+              "serial_out_max_bytes": (int, False)}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "serial") -> "SerialConfig":
@@ -415,10 +437,19 @@ class SerialConfig:
         _unsupported(where, f, {"rate_limiter": None})
         if "serial_out_path" in f:
             _output_path(where, "serial_out_path", f["serial_out_path"])
-        return cls(f.get("serial_out_path"))
+        limit = f.get("serial_out_max_bytes", DEFAULT_SERIAL_OUT_MAX_BYTES)
+        if not 0 <= limit <= MAX_SERIAL_OUT_MAX_BYTES:
+            raise ConfigError(f"{where}: serial_out_max_bytes {limit} is out of range: use 0 "
+                              f"to {MAX_SERIAL_OUT_MAX_BYTES}")
+        return cls(f.get("serial_out_path"), limit)
 
     def to_json(self) -> dict:
-        return {} if self.serial_out_path is None else {"serial_out_path": self.serial_out_path}
+        out: dict[str, Any] = {}
+        if self.serial_out_path is not None:
+            out["serial_out_path"] = self.serial_out_path
+        if self.serial_out_max_bytes != DEFAULT_SERIAL_OUT_MAX_BYTES:
+            out["serial_out_max_bytes"] = self.serial_out_max_bytes
+        return out
 
 
 # -- the whole VM ---------------------------------------------------------------

@@ -10,30 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from typing import Any, Callable
 
-from pyvmm.config import ConfigError, Logger
+from pyvmm.config import Logger
+from pyvmm.host_files import open_output
 
 METRICS_PERIOD = 60.0                     # seconds, as in Firecracker
-
-
-def open_output(path: str) -> int:
-    """A file (appended to, created if missing) or a FIFO (opened read-write, so that
-    opening never blocks and writes never fail for lack of a reader)."""
-    try:
-        st = os.stat(path)
-        fifo = stat.S_ISFIFO(st.st_mode)
-    except FileNotFoundError:
-        fifo = False
-    flags = (os.O_RDWR if fifo else os.O_WRONLY | os.O_APPEND | os.O_CREAT) | \
-        os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
 
 
 def _write_line(fd: int, line: str) -> bool:
@@ -79,7 +63,7 @@ class MetricsWriter:
 
     def __init__(self, path: str, counters: Callable[[], dict],
                  header: Callable[[], dict]) -> None:
-        self.fd = open_output(path)
+        self.fd = open_output(path, "metrics file")
         self.counters = counters
         self.header = header
         self.last: dict = {}
@@ -142,7 +126,7 @@ def log_handler(config: Logger, vm_id: str) -> logging.Handler | None:
     """A handler for the "pyvmm" logger as the logger section says (None: no log_path)."""
     if config.log_path is None:
         return None
-    handler = _FdHandler(open_output(config.log_path))
+    handler = _FdHandler(open_output(config.log_path, "log file"))
     parts = f"{vm_id}:%(threadName)s" + (":%(levelname)s" if config.show_level else "") + \
         (":%(pathname)s:%(lineno)d" if config.show_log_origin else "")
     handler.setFormatter(logging.Formatter(f"%(asctime)s [{parts}] %(message)s"))

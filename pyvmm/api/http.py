@@ -286,7 +286,13 @@ class HttpServer:
         _remove_stale_socket(self.path)
         server = _SocketServer(self.path, self)
         try:
-            server.server_bind()
+            # The socket controls the VM: only its owner may connect (mode 0600, as
+            # the file is created, so that there is no moment it is open to others).
+            previous = os.umask(0o177)
+            try:
+                server.server_bind()
+            finally:
+                os.umask(previous)
             server.server_activate()
         except BaseException:
             server.server_close()

@@ -19,6 +19,7 @@ from pyvmm.layout import (CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO
 from pyvmm.boot.mptable import write_mptable
 from pyvmm.boot.pvh import HVM_START_INFO_VERSION, HVM_START_MAGIC, is_elf, parse_pvh_elf
 from pyvmm.boot.zeropage import build_zero_page, e820_map
+from pyvmm.host_files import HostFileError, read_regular_file
 from pyvmm.memory import PAGE_SIZE, GuestMemory
 
 MAX_KERNEL_FILE = 512 << 20           # refuse to read absurd files into memory
@@ -37,17 +38,11 @@ class LoadedKernel:
 
 
 def _read(path: Path, what: str) -> bytes:
+    """A kernel or initrd: a regular file, read with a bound (st_size is not trusted)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_KERNEL_FILE:
-            raise BootError(f"{what} {path} is {size >> 20} MiB, larger than pyvmm accepts")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise BootError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise BootError(f"{what} {path} is a directory, not a file") from None
-    except PermissionError:
-        raise BootError(f"{what} {path} is not readable (permission denied)") from None
+        return read_regular_file(path, what, MAX_KERNEL_FILE)
+    except HostFileError as exc:
+        raise BootError(str(exc)) from None
 
 
 def _low_ram_end(memory: GuestMemory) -> int:
