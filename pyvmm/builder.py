@@ -197,6 +197,9 @@ class LinuxVm(Closeable):
         stats["boot"] = self.boot_times()
         stats["pvm_fixups"] = dict(self.fixups.counts)
         stats["serial_tx_bytes"] = self.uart.tx_bytes
+        sink = self.console.sink
+        stats["console"] = {"written": sink.written, "dropped": sink.dropped,
+                            "system_calls": sink.system_calls}
         stats["virtio"] = {name: dict(t.device.stats, error=t.error)
                            for name, t in self.virtio.items()}
         return stats

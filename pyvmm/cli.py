@@ -24,6 +24,17 @@ def parse_mem(text: str) -> int:
     return int(match.group(1)) * MEM_UNITS[match.group(2).upper()]
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '512K', '64M', '1G' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 4096, 512K, 64M or 1G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other pyvmm error (`-h` shows usage)."""
 
@@ -39,6 +50,9 @@ def _add_process_flags(parser: argparse.ArgumentParser, api_required: bool = Fal
                         help="the instance id (GET /); default anonymous-instance")
     parser.add_argument("--console", default="stdio",
                         help="where the guest's serial output goes: stdio, file:PATH or none")
+    parser.add_argument("--console-limit", type=parse_size, default=None, metavar="SIZE",
+                        help="a console file stops growing at SIZE (e.g. 64M, the default); "
+                             "later output is dropped and counted")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -212,7 +226,11 @@ def _terminate(signum, frame):  # noqa: ANN001 - a signal handler
 
 
 def _microvm(spec, args: argparse.Namespace):
+    from pyvmm.config import SerialConfig
     from pyvmm.microvm import DEFAULT_ID, MicroVM
+    if args.console_limit is not None:
+        path = spec.serial.serial_out_path if spec.serial else None
+        spec.serial = SerialConfig(path, args.console_limit)
     return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID)
 
 

@@ -27,6 +27,10 @@ from pyvmm.errors import PyvmmError
 ESCAPE = 0x01                   # Ctrl-A
 QUIT_KEY = ord("x")
 CAPTURE_LIMIT = 4 << 20         # console bytes kept for expect(), read() and the panic check
+DEFAULT_FILE_LIMIT = 64 << 20   # a console file's size cap (pyvmm.config.SerialConfig)
+PENDING_LIMIT = 1 << 20         # output waiting for the writer thread before the guest waits
+LINGER_BELOW = 4096             # with less than this pending, the writer waits a moment...
+LINGER_SECONDS = 0.001          # ...this long, for more to write in the same system call
 
 
 class ConsoleError(PyvmmError):
@@ -35,38 +39,114 @@ class ConsoleError(PyvmmError):
 
 
 class ConsoleSink:
-    """Where guest output goes besides the capture: `stdio`, `file:PATH` or `none`."""
+    """Where guest output goes besides the capture: `stdio`, `file:PATH` or `none`.
 
-    def __init__(self, spec: str = "none") -> None:
+    The UART hands over one byte per exit; a writer thread writes what has
+    accumulated in chunks, so a chatty guest costs a few system calls, not one
+    per byte.  When PENDING_LIMIT bytes wait (a slow reader on stdout), the
+    guest waits too: console output to a terminal or pipe is never lost.  A
+    file stops growing at `limit` bytes: the rest is dropped and counted, so a
+    guest cannot fill the host's disk through its console.
+    """
+
+    def __init__(self, spec: str = "none", limit: int = DEFAULT_FILE_LIMIT) -> None:
         self.spec = spec
-        self._fd: int | None = None
-        self._owned = False
+        self.limit = limit
+        self.written = 0                  # bytes that reached the file, pipe or terminal
+        self.dropped = 0                  # bytes over the file's limit, or lost to an error
+        self.system_calls = 0             # write(2)s: a chatty guest costs few of them
+        self._fd: int | None = None           # None once the output has failed
+        self._owned: int | None = None        # a file we opened and must close
+        self._pending = bytearray()
+        self._accepted = 0                    # bytes ever queued: the file cap counts these
+        self._changed = threading.Condition()
+        self._closing = False
+        self._writer: threading.Thread | None = None
         if spec == "stdio":
             self._fd = sys.stdout.fileno()
         elif spec.startswith("file:") and len(spec) > 5:
+            from pyvmm.host_files import HostFileError, open_output
             try:
-                self._fd = os.open(spec[5:], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                   0o644)
-            except OSError as exc:
-                raise ConsoleError(f"cannot open console file {spec[5:]}: {exc.strerror}") \
-                    from None
-            self._owned = True
+                self._fd = self._owned = open_output(spec[5:], "console file")
+            except HostFileError as exc:
+                raise ConsoleError(str(exc)) from None
         elif spec != "none":
             raise ConsoleError(f"bad --console {spec!r}: use stdio, file:PATH or none")
 
     def write(self, data: bytes) -> None:
+        """Queue data for the writer thread (a vCPU thread, holding the UART's lock)."""
         if self._fd is None:
             return
-        try:
-            os.write(self._fd, data)
-        except OSError:
-            # The reader went away (a closed pipe, a full disk): the guest must
-            # not die of it.  The capture still keeps the output.
-            self.close()
+        with self._changed:
+            if self._owned is not None:
+                room = max(0, self.limit - self._accepted)
+                if len(data) > room:
+                    self.dropped += len(data) - room
+                    data = data[:room]
+            while len(self._pending) >= PENDING_LIMIT and not self._closing:
+                self._changed.wait()
+            if self._closing or not data:
+                return
+            self._pending += data
+            self._accepted += len(data)
+            self._changed.notify_all()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="console-out",
+                                                daemon=True)
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closing)
+                short = len(self._pending) < LINGER_BELOW and not self._closing
+            if short:
+                # A guest writes a byte per exit: let a millisecond's worth gather
+                # (unnoticeable on a terminal) rather than wake per byte.
+                time.sleep(LINGER_SECONDS)
+            with self._changed:
+                chunk = bytes(self._pending)
+                self._pending.clear()
+                self._changed.notify_all()
+                if not chunk:
+                    return                            # closing, and nothing left
+            self._write_all(chunk)
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view and self._fd is not None:
+            try:
+                done = os.write(self._fd, view)
+            except BlockingIOError:                   # a FIFO nobody reads: drop, never block
+                break
+            except OSError:
+                # The reader went away (a closed pipe, a full disk): the guest must
+                # not die of it.  The capture still keeps the output.
+                self._fd = None
+                break
+            view = view[done:]
+            with self._changed:
+                self.written += done
+                self.system_calls += 1
+        if view:
+            with self._changed:
+                self.dropped += len(view)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (up to timeout) until what was written so far has left."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending, timeout)
 
     def close(self) -> None:
-        if self._owned and self._fd is not None:
-            os.close(self._fd)
+        """Write out what is pending (a few seconds at most), then release the file."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._writer is not None:
+            self._writer.join(5)
+        if self._owned is not None:
+            os.close(self._owned)
+            self._owned = None
         self._fd = None
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyvmm.closing import Closeable
-from pyvmm.config import ConfigError, Logger, Metrics, VmSpec
+from pyvmm.config import DEFAULT_SERIAL_OUT_MAX_BYTES, Logger, Metrics, VmSpec
 from pyvmm.console import ConsoleCapture, ConsoleSink, SerialConsole
 from pyvmm.errors import PyvmmError
 
@@ -237,7 +237,8 @@ class MicroVM(Closeable):
             self.capture.sink.close()
             self.capture.sink = ConsoleSink(
                 f"file:{serial.serial_out_path}" if serial and serial.serial_out_path
-                else self.console)
+                else self.console,
+                limit=serial.serial_out_max_bytes if serial else DEFAULT_SERIAL_OUT_MAX_BYTES)
             factory = self.vm_factory
             if factory is None:
                 from pyvmm.builder import LinuxVm as factory
