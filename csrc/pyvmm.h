@@ -90,14 +90,19 @@ struct pv_vcpu {
     void *priv;                   /* struct pv_vcpu_private: kvm_run, thread, lock */
 };
 
-/* Returns 0, or -errno if the mmap of kvm_run fails. */
+/* Returns 0, or -errno if the mmap of kvm_run fails.  On success the vCPU owns fd. */
 int pv_vcpu_init(struct pv_vcpu *vcpu, int fd, int index, size_t run_size, struct pv_machine *machine);
-void pv_vcpu_destroy(struct pv_vcpu *vcpu);
-/* Runs the vCPU until something needs the caller; the GIL is released (cffi API mode). */
+/* Safe from any thread, any number of times: frees kvm_run and closes the fd, now (0)
+ * or, if a thread is inside pv_vcpu_run(), kicks it and lets it free them when it
+ * leaves (1).  The struct pv_vcpu itself must outlive that thread. */
+int pv_vcpu_destroy(struct pv_vcpu *vcpu);
+/* Runs the vCPU until something needs the caller; the GIL is released (cffi API mode).
+ * After pv_vcpu_destroy(): PV_OUT_RUN_ERROR with err EBADF (EBUSY if another thread runs it). */
 void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out);
-/* Safe from any thread: makes the vCPU leave KVM_RUN and return PV_OUT_STOPPED. */
+/* Safe from any thread, also before a run and after destroy (then a no-op): makes the
+ * vCPU leave KVM_RUN and return PV_OUT_STOPPED. */
 void pv_vcpu_kick(struct pv_vcpu *vcpu);
-/* Drops a kick that has not been consumed yet (pause/resume races). */
+/* Drops a kick that has not been consumed yet (pause/resume races); no-op after destroy. */
 void pv_vcpu_clear_kick(struct pv_vcpu *vcpu);
 
 void pv_machine_init(struct pv_machine *m);

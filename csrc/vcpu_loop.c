@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 #include "pyvmm.h"
 
@@ -22,11 +23,21 @@ struct pv_vcpu_private {
     struct kvm_run *run;
     size_t run_size;
     struct pv_machine *machine;
-    pthread_mutex_t lock;     /* guards in_run/thread against a concurrent kick */
-    int in_run;
-    pthread_t thread;
+    pthread_t thread;         /* valid while in_run */
+    int in_run;               /* a thread is inside pv_vcpu_run() */
+    int orphaned;             /* destroyed while in_run: that thread frees it on its way out */
     volatile int stop_requested;
 };
+
+/*
+ * The life of every vcpu->priv: pv_vcpu_run() marks itself in and out under this
+ * lock, and pv_vcpu_destroy() frees priv (and closes the fd) only when no thread
+ * is inside; otherwise it marks priv orphaned, kicks the thread, and the thread
+ * frees both when it leaves pv_vcpu_run().  Kicks take it too, so a kick never
+ * races a free.  It is taken on entry to and exit from a run and per kick, never
+ * per exit.
+ */
+static pthread_mutex_t life_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The kick signal only has to interrupt KVM_RUN (EINTR); immediate_exit,
  * set before the signal is sent, closes the race with entering KVM_RUN. */
@@ -63,43 +74,67 @@ int pv_vcpu_init(struct pv_vcpu *vcpu, int fd, int index, size_t run_size, struc
     p->run = run;
     p->run_size = run_size;
     p->machine = machine;
-    pthread_mutex_init(&p->lock, NULL);
     vcpu->fd = fd;
     vcpu->index = index;
     vcpu->priv = p;
     return 0;
 }
 
-void pv_vcpu_destroy(struct pv_vcpu *vcpu)
+static void release_private(struct pv_vcpu_private *p, int fd)
 {
-    struct pv_vcpu_private *p = vcpu->priv;
-
-    if (!p)
-        return;
     munmap(p->run, p->run_size);
-    pthread_mutex_destroy(&p->lock);
     free(p);
+    close(fd);
+}
+
+/* Call with life_lock held. */
+static void kick_locked(struct pv_vcpu_private *p)
+{
+    p->stop_requested = 1;
+    __atomic_store_n(&p->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (p->in_run)
+        pthread_kill(p->thread, kick_signal);
+}
+
+int pv_vcpu_destroy(struct pv_vcpu *vcpu)
+{
+    struct pv_vcpu_private *p;
+
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (p && p->in_run) {
+        p->orphaned = 1;
+        kick_locked(p);
+        pthread_mutex_unlock(&life_lock);
+        return 1;
+    }
     vcpu->priv = NULL;
+    pthread_mutex_unlock(&life_lock);
+    if (!p)
+        return 0;
+    release_private(p, vcpu->fd);
+    return 0;
 }
 
 void pv_vcpu_kick(struct pv_vcpu *vcpu)
 {
-    struct pv_vcpu_private *p = vcpu->priv;
-
-    p->stop_requested = 1;
-    __atomic_store_n(&p->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
-    pthread_mutex_lock(&p->lock);
-    if (p->in_run)
-        pthread_kill(p->thread, kick_signal);
-    pthread_mutex_unlock(&p->lock);
+    pthread_mutex_lock(&life_lock);
+    if (vcpu->priv)
+        kick_locked(vcpu->priv);
+    pthread_mutex_unlock(&life_lock);
 }
 
 void pv_vcpu_clear_kick(struct pv_vcpu *vcpu)
 {
-    struct pv_vcpu_private *p = vcpu->priv;
+    struct pv_vcpu_private *p;
 
-    p->stop_requested = 0;
-    __atomic_store_n(&p->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (p && !p->orphaned) {
+        p->stop_requested = 0;
+        __atomic_store_n(&p->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&life_lock);
 }
 
 /* Serve one access of len bytes at addr; returns PV_IO_* or 2 for "no device". */
@@ -243,22 +278,30 @@ static int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outc
 
 void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
 {
-    struct pv_vcpu_private *p = vcpu->priv;
-    struct kvm_run *run = p->run;
+    struct pv_vcpu_private *p;
+    struct kvm_run *run;
 
     memset(out, 0, sizeof(*out));
     out->range_index = -1;
-    pthread_mutex_lock(&p->lock);
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (!p || p->in_run) {        /* destroyed, or another thread runs it */
+        pthread_mutex_unlock(&life_lock);
+        out->kind = PV_OUT_RUN_ERROR;
+        out->err = p ? EBUSY : EBADF;
+        return;
+    }
     p->thread = pthread_self();
     p->in_run = 1;
-    pthread_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&life_lock);
+    run = p->run;
 
     for (;;) {
         if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
             int err = errno;
 
             if (err == EINTR || err == EAGAIN) {
-                if (p->stop_requested) {
+                if (p->stop_requested || __atomic_load_n(&p->orphaned, __ATOMIC_RELAXED)) {
                     pv_vcpu_clear_kick(vcpu);
                     out->kind = PV_OUT_STOPPED;
                     out->exit_reason = KVM_EXIT_INTR;
@@ -278,7 +321,13 @@ void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
         }
     }
 
-    pthread_mutex_lock(&p->lock);
+    pthread_mutex_lock(&life_lock);
     p->in_run = 0;
-    pthread_mutex_unlock(&p->lock);
+    if (p->orphaned)
+        vcpu->priv = NULL;        /* destroyed meanwhile: ours to free */
+    else
+        p = NULL;
+    pthread_mutex_unlock(&life_lock);
+    if (p)
+        release_private(p, vcpu->fd);
 }

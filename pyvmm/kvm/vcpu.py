@@ -141,12 +141,13 @@ class VcpuFd:
 
     def with_regs(self, outcome: Outcome) -> Outcome:
         """The outcome with the vCPU's registers filled in (for diagnostics)."""
-        if outcome.regs or outcome.kind == OutcomeKind.RUN_ERROR:
+        if outcome.regs or outcome.kind == OutcomeKind.RUN_ERROR or self.fd < 0:
             return outcome
         return dataclasses.replace(outcome, regs=self.get_regs())
 
     def kick(self) -> None:
-        """From any thread: make run() return OutcomeKind.STOPPED soon."""
+        """From any thread, at any time: make run() return OutcomeKind.STOPPED soon
+        (the next run() at once, if none is in progress).  A no-op after close()."""
         lib.pv_vcpu_kick(self._native)
 
     def clear_kick(self) -> None:
@@ -155,7 +156,8 @@ class VcpuFd:
     def _make_outcome(self, with_regs: bool) -> Outcome:
         o = self._outcome
         kind = OutcomeKind(o.kind)
-        regs = self.get_regs() if with_regs and kind != OutcomeKind.RUN_ERROR else {}
+        regs = self.get_regs() if with_regs and kind != OutcomeKind.RUN_ERROR and \
+            self.fd >= 0 else {}
         device = self._describe_device(o.bus, o.range_index) if o.range_index >= 0 else None
         return Outcome(kind=kind, vcpu=self.index, exit_reason=o.exit_reason, addr=o.addr,
                        length=o.len, is_write=bool(o.is_write), data=o.data, device=device,
@@ -261,8 +263,11 @@ class VcpuFd:
         events.flags = 0
         self.set_vcpu_events(events)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            lib.pv_vcpu_destroy(self._native)
-            os.close(self.fd)
-            self.fd = -1
+    def close(self) -> bool:
+        """From any thread, any number of times.  Frees kvm_run and closes the fd, at
+        once, or, if another thread is inside run(), when that thread leaves it (it is
+        kicked; returns True then).  Register accessors must not race close()."""
+        if self.fd < 0:
+            return False
+        self.fd = -1            # the fd belongs to the C state now; it closes it
+        return lib.pv_vcpu_destroy(self._native) == 1
