@@ -18,7 +18,9 @@ StopVcpu from either method to end the vCPU's run with OutcomeKind.DEVICE_STOP.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -27,6 +29,14 @@ from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Kvm, Outcome, OutcomeKind, VcpuFd, VmFd, ffi, lib
 from pyvmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
 from pyvmm.memory import GuestMemory, x86_layout
+
+
+log = logging.getLogger("pyvmm.machine")
+
+# Process-wide teardown accounting: vCPU threads that Machine.close() could not join
+# (stuck in a device handler) and left running with their VM, and how many of them
+# have since ended and released it.
+teardown_counters = {"vcpu_threads_left_running": 0, "vcpu_threads_reclaimed": 0}
 
 
 class Bus(enum.IntEnum):
@@ -113,9 +123,18 @@ class Machine(Closeable):
         self._c_state: list[Any] = []
         self._threads: list[threading.Thread] = []
         self._done = threading.Event()
+        # _lock guards the lifecycle: start, _finish, close, and a vCPU thread's exit.
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
+        self._running: set[int] = set()    # vCPUs whose thread is in _vcpu_thread
+        self._left: set[int] = set()       # ... of those, the ones close() left running
+        # How long close() and stop_and_join() wait for each vCPU thread.
+        self.join_timeout = 5.0
+        # vCPU threads close() could not join; they release the VM when they end.
+        self.leaked_vcpus = 0
+        # Set once the vCPU fds, the VM fd, guest RAM and KVM are closed.
+        self.released = threading.Event()
         # pause(): vCPU threads park on _resumed; _parked counts them in.
         self._pause_lock = threading.Condition()
         self._pausing = False
@@ -178,28 +197,49 @@ class Machine(Closeable):
     # -- running ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start one thread per vCPU; returns at once."""
-        if self._threads:
-            raise MachineError("the machine is already running")
-        for vcpu in self.vcpus:
-            thread = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
-                                      name=f"vcpu{vcpu.index}", daemon=True)
-            self._threads.append(thread)
-        for thread in self._threads:
-            thread.start()
+        """Start one thread per vCPU; returns at once.  Once only, and not after close()."""
+        with self._lock:
+            if self._closed:
+                raise MachineError("the machine is closed")
+            if self._threads:
+                raise MachineError("the machine is already running")
+            for vcpu in self.vcpus:
+                thread = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
+                                          name=f"vcpu{vcpu.index}", daemon=True)
+                self._threads.append(thread)
+                self._running.add(vcpu.index)
+            for thread in self._threads:
+                thread.start()
 
     def _vcpu_thread(self, vcpu: VcpuFd) -> None:
-        while True:
-            outcome = vcpu.run(with_regs=False)
-            if outcome.kind == OutcomeKind.STOPPED and not self._stopping:
-                self._park_while_paused()
-                continue        # resumed, or a stale kick from a vCPU that already finished
-            outcome = vcpu.with_regs(outcome)
-            if outcome.kind != OutcomeKind.STOPPED and \
-                    any(hook(vcpu, outcome) for hook in self.exit_hooks):
-                continue
-            self._finish(outcome)
-            return
+        try:
+            while True:
+                outcome = vcpu.run(with_regs=False)
+                if outcome.kind == OutcomeKind.STOPPED and not self._stopping:
+                    self._park_while_paused()
+                    continue    # resumed, or a stale kick from a vCPU that already finished
+                outcome = vcpu.with_regs(outcome)
+                if outcome.kind != OutcomeKind.STOPPED and not self._closed and \
+                        any(hook(vcpu, outcome) for hook in self.exit_hooks):
+                    continue
+                self._finish(outcome)
+                return
+        finally:
+            self._vcpu_thread_ended(vcpu)
+
+    def _vcpu_thread_ended(self, vcpu: VcpuFd) -> None:
+        """The thread is out of the C loop for good: if close() left it running, its
+        vCPU, and with the last such thread the VM and guest RAM, are released now."""
+        with self._lock:
+            self._running.discard(vcpu.index)
+            if vcpu.index not in self._left:
+                return
+            self._left.discard(vcpu.index)
+            teardown_counters["vcpu_threads_reclaimed"] += 1
+            vcpu.close()
+            if not self._left:
+                self._release()
+        log.info("vCPU %d thread ended after close(); its resources are released", vcpu.index)
 
     def _finish(self, outcome: Outcome) -> None:
         """Record a vCPU's final outcome; the first one (or the last, see
@@ -221,13 +261,24 @@ class Machine(Closeable):
             vcpu.kick()
         if all_done or self.end_on_first_exit:
             self._done.set()
+            with self._pause_lock:
+                self._pause_lock.notify_all()       # a pause() in progress gives up
 
     def stop(self) -> None:
-        """From any thread: stop every vCPU; wait() then returns a STOPPED outcome."""
-        self._stopping = True
+        """From any thread, at any time: stop every vCPU; wait() then returns a STOPPED
+        outcome.  A no-op before start() and after the machine ended."""
+        with self._lock:
+            if not self._threads:
+                return
+            self._stopping = True
+        self.kick()
+        self.resume()           # parked vCPUs must wake up to see the stop
+
+    def kick(self) -> None:
+        """From any thread, at any time: make every running vCPU leave KVM_RUN once.
+        They run on (or end, after stop()); a no-op on closed vCPUs."""
         for vcpu in self.vcpus:
             vcpu.kick()
-        self.resume()           # parked vCPUs must wake up to see the stop
 
     # -- pause and resume --------------------------------------------------------
 
@@ -250,38 +301,59 @@ class Machine(Closeable):
         kvmclock is frozen across the pause (as QEMU does on stop/cont), so the
         guest sees no jump in time when it resumes.
         """
-        if not self._threads or self._done.is_set():
-            raise MachineError("the machine is not running")
         with self._pause_lock:
+            if not self._threads or self._done.is_set() or self._stopping:
+                raise MachineError("the machine is not running")
             if self._pausing:
                 return
             self._pausing = True
-        for vcpu in self.vcpus:
-            vcpu.kick()
+        self.kick()
         with self._pause_lock:
             live = sum(1 for t in self._threads if t.is_alive())
-            if not self._pause_lock.wait_for(lambda: self._parked >= live or self._done.is_set(),
-                                             timeout):
+            if not self._pause_lock.wait_for(
+                    lambda: self._parked >= live or self._done.is_set() or not self._pausing,
+                    timeout):
                 raise MachineError(f"vCPUs did not pause within {timeout} s")
-        self._paused_clock = self.vm.get_clock()
+            if not self._pausing:
+                return          # resume() or stop() came first
+            if self._done.is_set():
+                raise MachineError("the machine ended while pausing")
+            with self._lock:
+                if self._closed:
+                    raise MachineError("the machine is closed")
+                self._paused_clock = self.vm.get_clock()
 
     def resume(self) -> None:
+        """From any thread, at any time; a no-op unless paused."""
         with self._pause_lock:
             if not self._pausing:
                 return
-            if self._paused_clock is not None:
-                self.vm.set_clock(self._paused_clock)
+            with self._lock:
+                if self._paused_clock is not None and not self._closed:
+                    self.vm.set_clock(self._paused_clock)
                 self._paused_clock = None
             self._pausing = False
             self._pause_lock.notify_all()
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        """The final outcome, or None if the machine still runs after timeout seconds."""
+        """The final outcome once every vCPU thread has ended, or None if the machine
+        still runs after timeout seconds.  MachineError if it was never started."""
+        if not self._threads:
+            raise MachineError("the machine was not started")
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._done.wait(timeout):
             return None
-        for thread in self._threads:
-            thread.join()
+        if not self._join(deadline):
+            return None
         return self.outcome
+
+    def _join(self, deadline: float | None) -> bool:
+        """Join every vCPU thread but the caller's until deadline; True if all ended."""
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads if t is not me)
 
     def run(self, timeout: float | None = None) -> Outcome:
         """start() and wait(); on timeout the machine is stopped and STOPPED returned."""
@@ -308,21 +380,51 @@ class Machine(Closeable):
 
     # -- teardown --------------------------------------------------------------
 
-    def stop_and_join(self, timeout: float = 5.0) -> None:
-        """Stop the vCPUs if they run and wait (up to timeout) for their threads."""
-        if self._threads and not self._done.is_set():
-            self.stop()
-            self.wait(timeout)
+    def stop_and_join(self, timeout: float | None = None) -> bool:
+        """Stop the vCPUs if they run and wait up to timeout (join_timeout) for their
+        threads; True if none is left (a vCPU thread calling this does not count)."""
+        self.stop()
+        return self._join(time.monotonic() + (self.join_timeout if timeout is None
+                                               else timeout))
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """From any thread, any number of times.  Stops the vCPUs and joins their
+        threads (join_timeout), then closes the vCPU fds, the VM fd, guest RAM and KVM.
+
+        A vCPU thread that does not end in time (a device handler that blocks) is left
+        running, kicked again so that it stops as soon as its handler returns, and keeps
+        its vCPU, the VM fd and guest RAM alive: the last such thread to end releases
+        them (`released` is set then).  That is counted in `leaked_vcpus`,
+        `teardown_counters` and logged.  A vCPU thread closing its own machine counts
+        as one left running."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.stop_and_join()
+        with self._lock:
+            self._left = set(self._running)
+            for vcpu in self.vcpus:
+                if vcpu.index not in self._left:
+                    vcpu.close()
+            if not self._left:
+                self._release()
+                return
+            left = sorted(self._left)
+            self.leaked_vcpus = len(left)
+            teardown_counters["vcpu_threads_left_running"] += len(left)
+        self.kick()
+        log.warning("close(): vCPU thread(s) %s did not end within %.1f s (blocked in a "
+                    "device?); they keep the VM and guest RAM until they end",
+                    left, self.join_timeout)
+
+    def _release(self) -> None:
+        """Close the VM's host resources; with _lock held, once no vCPU thread runs."""
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
         self.memory.close()
         if self._owns_kvm:
             self.kvm.close()
+        self.released.set()
 
