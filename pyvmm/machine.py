@@ -135,6 +135,7 @@ class Machine(Closeable):
         self.leaked_vcpus = 0
         # Set once the vCPU fds, the VM fd, guest RAM and KVM are closed.
         self.released = threading.Event()
+        self._at_release: list[Callable[[], None]] | None = []     # None once released
         # pause(): vCPU threads park on _resumed; _parked counts them in.
         self._pause_lock = threading.Condition()
         self._pausing = False
@@ -237,9 +238,10 @@ class Machine(Closeable):
             self._left.discard(vcpu.index)
             teardown_counters["vcpu_threads_reclaimed"] += 1
             vcpu.close()
-            if not self._left:
-                self._release()
+            last = not self._left
         log.info("vCPU %d thread ended after close(); its resources are released", vcpu.index)
+        if last:
+            self._release()
 
     def _finish(self, outcome: Outcome) -> None:
         """Record a vCPU's final outcome; the first one (or the last, see
@@ -407,19 +409,37 @@ class Machine(Closeable):
             for vcpu in self.vcpus:
                 if vcpu.index not in self._left:
                     vcpu.close()
-            if not self._left:
-                self._release()
-                return
             left = sorted(self._left)
             self.leaked_vcpus = len(left)
             teardown_counters["vcpu_threads_left_running"] += len(left)
+        if not left:
+            self._release()
+            return
         self.kick()
         log.warning("close(): vCPU thread(s) %s did not end within %.1f s (blocked in a "
                     "device?); they keep the VM and guest RAM until they end",
                     left, self.join_timeout)
 
+    def at_release(self, fn: Callable[[], None]) -> None:
+        """Have close() call fn once no vCPU thread runs any more, before the VM fd and
+        guest RAM are closed: for what a vCPU's device handler may still use (eventfds,
+        backends).  At once if the machine is already released."""
+        with self._lock:
+            if self._at_release is not None:
+                self._at_release.append(fn)
+                return
+        fn()
+
     def _release(self) -> None:
-        """Close the VM's host resources; with _lock held, once no vCPU thread runs."""
+        """Close the VM's host resources: called once, by close() or by the last vCPU
+        thread close() left running, when no vCPU thread runs any more."""
+        with self._lock:
+            callbacks, self._at_release = self._at_release or [], None
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the VM's own resources must still go
+                log.exception("a release callback of the machine failed")
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
