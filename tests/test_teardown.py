@@ -49,14 +49,14 @@ def in_child(scenario: str, timeout: float = 300) -> str:
     """Run `scenario` (a function of this module) in a new interpreter; fail on a crash,
     an exception, or an exception escaping any thread."""
     code = (
-        "import sys, threading\n"
+        "import sys, threading, traceback\n"
         f"sys.path.insert(0, {str(HERE)!r})\n"
         "errors = []\n"
-        "threading.excepthook = lambda args: errors.append(args)\n"
+        "threading.excepthook = errors.append\n"
         "import test_teardown\n"
         f"test_teardown.{scenario}()\n"
         "for e in errors:\n"
-        "    import traceback; traceback.print_exception(e.exc_type, e.exc_value, e.exc_traceback)\n"
+        "    traceback.print_exception(e.exc_type, e.exc_value, e.exc_traceback)\n"
         "sys.exit(3 if errors else 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, cwd=HERE.parent)
