@@ -170,12 +170,13 @@ def scenario_close_while_blocked_in_a_device(rounds: int = 20) -> None:
 def scenario_operations_while_blocked_in_a_device() -> None:
     """The same stuck vCPU, with every operation tried before the device returns."""
     vm, device = blocked_vm()
-    released_with_ram = []
-    vm.machine.at_release(lambda: released_with_ram.append(vm.machine.memory.read(0x600, 4)))
     vm.machine.start()
     assert device.entered.wait(30)
     vm.close()
     exercise_closed(vm.machine)
+    # Closed, but not released while the vCPU is stuck: release callbacks still wait.
+    released_with_ram = []
+    vm.machine.at_release(lambda: released_with_ram.append(vm.machine.memory.read(0x600, 4)))
     assert not vm.machine.released.is_set() and not released_with_ram
     device.release.set()
     assert vm.machine.released.wait(10)
