@@ -312,18 +312,24 @@ class Machine(Closeable):
         self.kick()
         with self._pause_lock:
             live = sum(1 for t in self._threads if t.is_alive())
-            if not self._pause_lock.wait_for(
-                    lambda: self._parked >= live or self._done.is_set() or not self._pausing,
-                    timeout):
-                raise MachineError(f"vCPUs did not pause within {timeout} s")
+            parked = self._pause_lock.wait_for(
+                lambda: self._parked >= live or self._done.is_set() or not self._pausing,
+                timeout)
             if not self._pausing:
                 return          # resume() or stop() came first
-            if self._done.is_set():
-                raise MachineError("the machine ended while pausing")
-            with self._lock:
-                if self._closed:
-                    raise MachineError("the machine is closed")
-                self._paused_clock = self.vm.get_clock()
+            if not parked:
+                problem = f"vCPUs did not pause within {timeout} s"
+            elif self._done.is_set():
+                problem = "the machine ended while pausing"
+            else:
+                with self._lock:
+                    if not self._closed:
+                        self._paused_clock = self.vm.get_clock()
+                        return
+                problem = "the machine is closed"
+            self._pausing = False       # not paused after all: parked vCPUs run on
+            self._pause_lock.notify_all()
+        raise MachineError(problem)
 
     def resume(self) -> None:
         """From any thread, at any time; a no-op unless paused."""
