@@ -187,6 +187,21 @@ def scenario_operations_while_blocked_in_a_device() -> None:
     assert late == [1]
 
 
+def scenario_pause_fails_cleanly_while_a_vcpu_is_stuck() -> None:
+    vm, device = blocked_vm()
+    vm.machine.start()
+    assert device.entered.wait(30)
+    with pytest.raises(MachineError, match="did not pause"):
+        vm.machine.pause(timeout=0.3)
+    assert not vm.machine.paused            # not half paused
+    device.release.set()                    # reads return at once from now on
+    vm.machine.pause()
+    assert vm.machine.paused
+    vm.machine.resume()
+    vm.close()
+    assert vm.machine.leaked_vcpus == 0 and vm.machine.released.is_set()
+
+
 def scenario_close_while_spinning() -> None:
     fds = open_fds()
     for mode in (Mode.LONG_RING3, Mode.LONG_RING0):
@@ -329,6 +344,10 @@ def test_close_while_a_vcpu_is_blocked_in_a_python_device_repeated():
 
 def test_every_operation_is_safe_while_a_closed_vcpu_is_still_in_a_device():
     in_child("scenario_operations_while_blocked_in_a_device")
+
+
+def test_a_pause_that_times_out_leaves_the_machine_running():
+    in_child("scenario_pause_fails_cleanly_while_a_vcpu_is_stuck")
 
 
 def test_close_while_the_vcpu_spins_in_the_guest():
