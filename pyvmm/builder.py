@@ -205,15 +205,16 @@ class LinuxVm(Closeable):
         return stats
 
     def close(self) -> None:
-        """Stop the vCPUs, then the I/O thread, then release the devices, and guest
-        RAM and KVM last: nothing that may still touch guest memory outlives it."""
+        """Stop the I/O thread, then the vCPUs; the devices, guest RAM and KVM go once
+        no vCPU thread runs any more (Machine.close: a vCPU stuck in a device handler
+        keeps them until it ends), so nothing that may still touch guest memory or a
+        device's fds outlives them."""
         if self._closed:
             return
         self._closed = True
-        self.machine.stop_and_join()
         self.iothread.stop()
         for transport in self.virtio.values():
-            transport.close()
+            self.machine.at_release(transport.close)
         self.virtio = {}
         self.machine.close()
 
