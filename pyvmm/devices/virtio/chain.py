@@ -177,9 +177,9 @@ class Writer(_Cursor):
         if front is not None:
             front[:] = data
             return
-        start = 0
+        source, start = memoryview(data), 0      # slices of a view copy nothing
         for view in self._take(len(data)):
-            view[:] = data[start:start + len(view)]
+            view[:] = source[start:start + len(view)]
             start += len(view)
 
     def write_obj(self, layout: struct.Struct, *values: object) -> None:

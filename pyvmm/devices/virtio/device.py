@@ -6,16 +6,32 @@ gets guest memory and its interrupt only when the driver is ready
 (activate(), at DRIVER_OK), serves its queues under its own lock, and can
 save and restore all of its state as a plain dict.
 
-Threads: the transport calls in from vCPU threads (register accesses) and the
-I/O thread (queue kicks); backend events (a TAP) arrive on the I/O thread;
-the API thread may swap a disk.  `lock` orders all of them.
+Threads: the I/O thread serves queue kicks and backend events (a TAP); vCPU
+threads reset and activate the device through the transport; the API thread
+may swap a disk.  `lock`, the device's serving lock, orders those: it is held
+across queue work and taken by whatever changes queue state.  The transport's
+registers have a lock of their own, never held across queue work, so a vCPU
+reading InterruptStatus never waits for a disk request.  Lock order: the
+serving lock first, then the transport's.
+
+Budgets (what one guest can make the VMM do):
+- a queue kick serves at most CHAINS_PER_SLICE chains, then the device yields
+  and the transport reschedules it behind the other devices (no kick lost);
+- a chain is at most its queue's size in descriptors, indirect tables included;
+- a device's own per-request Python memory is at most REQUEST_MEMORY_BOUND
+  bytes beside the chain's views (one small memoryview per descriptor);
+- any exception while serving fails the device the virtio way (2.1.2:
+  DEVICE_NEEDS_RESET and a configuration change interrupt): it is counted,
+  and its message joins the last RECENT_ERRORS kept, nothing more.
 """
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Callable
 
-from pyvmm.devices.virtio.chain import Chain, QueueError
+from pyvmm.devices.iothread import describe_error
+from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.queue import QueueState, Virtqueue
 from pyvmm.devices.virtio.state import U32_MAX, U64_MAX, StateError, StateReader, \
     encode_bytes
@@ -36,6 +52,10 @@ VIRTIO_F_VERSION_1 = 32
 FEATURE_PAGES = 2                      # 64 feature bits, selected 32 at a time (4.2.2)
 MAX_CONFIG_SIZE = 0x1000 - 0x100       # what fits a virtio-mmio window after the registers
 
+CHAINS_PER_SLICE = 64                  # chains served per kick before the device yields
+REQUEST_MEMORY_BOUND = 64 * 1024       # a request's own buffers (rng bytes, zeroes), at most
+RECENT_ERRORS = 8                      # failure messages a device keeps for its stats
+
 
 class VirtioInterrupt:
     """A device's line to its driver (Firecracker's IrqTrigger): the InterruptStatus
@@ -46,6 +66,9 @@ class VirtioInterrupt:
         self.status = 0
         self._raise_irq = raise_irq
         self._needs_reset = needs_reset
+        # The I/O thread sets bits while a vCPU acknowledges others: `|=` and `&=`
+        # are a read and a write each, so they take turns.  Held for no I/O.
+        self._status_lock = threading.Lock()
 
     def signal_used(self, queue: Virtqueue) -> None:
         """Used buffers were returned on `queue`: interrupt if the driver wants it."""
@@ -61,17 +84,26 @@ class VirtioInterrupt:
         self._needs_reset(reason)
 
     def acknowledge(self, bits: int) -> None:
-        self.status &= ~bits
+        with self._status_lock:
+            self.status &= ~bits
+
+    def clear(self) -> None:
+        with self._status_lock:
+            self.status = 0
 
     def _trigger(self, bits: int) -> None:
-        self.status |= bits
+        with self._status_lock:
+            self.status |= bits
         self._raise_irq()
 
 
 class VirtioDevice:
     """A device behind a transport.  Subclasses set the class attributes and
     implement process_queue(); they extend activate(), reset(), stop_serving(),
-    close(), save() and restore() for what they hold beyond the queues."""
+    close(), save() and restore() for what they hold beyond the queues.
+
+    `stats` holds counters only (the metrics take per-period deltas of them);
+    `recent_errors` the last failure messages."""
 
     device_id = 0
     queue_sizes: tuple[int, ...] = (256,)
@@ -83,8 +115,9 @@ class VirtioDevice:
         self.config = bytearray()
         self.queues = [Virtqueue(size) for size in self.queue_sizes]
         self.stats: dict[str, int] = {"requests": 0, "bytes_read": 0, "bytes_written": 0,
-                                      "errors": 0}
-        self.lock = threading.RLock()
+                                      "errors": 0, "failures": 0}
+        self.recent_errors: collections.deque[str] = collections.deque(maxlen=RECENT_ERRORS)
+        self.lock = threading.RLock()          # the serving lock (module docstring)
         self.acked_features = 0            # what the driver wrote, checked at FEATURES_OK
         self.config_generation = 0         # bumped on each config change (4.2.2)
         self.memory: GuestMemory | None = None
@@ -93,8 +126,9 @@ class VirtioDevice:
 
     # -- the contract --------------------------------------------------------------
 
-    def process_queue(self, index: int) -> None:
-        """Serve what the driver made available on queue `index` (I/O thread, locked)."""
+    def process_queue(self, index: int) -> bool:
+        """Serve what the driver made available on queue `index` (I/O thread, locked),
+        at most CHAINS_PER_SLICE chains; True if the budget ran out first."""
         raise NotImplementedError
 
     def activate(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
@@ -162,23 +196,32 @@ class VirtioDevice:
             return bytes(size)
         return bytes(self.config[offset:offset + size])
 
-    def serve(self, work: Callable[[], None]) -> None:
-        """Run queue work (I/O thread): a kick, or a backend with data for the guest.
-        A broken ring stops the device until the driver resets it."""
+    def serve(self, work: Callable[[], bool]) -> bool:
+        """Run queue work (I/O thread): a kick, or a backend with data for the guest;
+        returns what work returned (True: its budget ran out, call again).  Whatever
+        it raises (a broken ring, guest memory, a backend bug) stops the device
+        until the driver resets it; the VMM and the other devices carry on."""
         with self.lock:
             if not self.serving:
-                return
+                return False
             try:
-                work()
-            except QueueError as exc:
+                return work()
+            except Exception as exc:  # noqa: BLE001 - the guest must not reach the I/O thread
                 assert self.interrupt is not None
-                self.interrupt.signal_needs_reset(str(exc))
+                self.interrupt.signal_needs_reset(describe_error(exc))
+                return False
+
+    def record_failure(self, reason: str) -> None:
+        """Count a failure and keep its message among the last few."""
+        self.stats["failures"] += 1
+        self.recent_errors.append(reason)
 
     def serve_each(self, queue: Virtqueue, serve: Callable[[Chain], int]) -> int:
-        """Serve every available chain on `queue` (serve returns the bytes it wrote
-        into the chain), then interrupt the driver once if it wants; returns how many."""
+        """Serve the available chains on `queue`, at most CHAINS_PER_SLICE (serve
+        returns the bytes it wrote into a chain), then interrupt the driver once
+        if it wants; returns how many."""
         served = 0
-        while (chain := queue.pop()) is not None:
+        while served < CHAINS_PER_SLICE and (chain := queue.pop()) is not None:
             queue.push_used(chain.head, serve(chain))
             served += 1
         if served:

@@ -5,6 +5,13 @@ The register file is a Python device on the MMIO bus: the guest touches it at
 set-up time and once per interrupt (status, ack).  The hot register,
 QueueNotify, never exits to userspace: each queue has an ioeventfd on it, and
 the I/O thread serves the queue.  Interrupts go through an irqfd.
+
+Locks: `lock` guards the registers and is never held across queue work, so a
+vCPU reading InterruptStatus, acknowledging an interrupt or reading the
+config space never waits for a request.  A Status write that resets or
+activates the device also takes the device's serving lock (first, then
+ours): it waits for the request being served, at most one slice of
+CHAINS_PER_SLICE chains, and no queue is touched after the reset.
 """
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import functools
 import os
 import struct
 from typing import TYPE_CHECKING, Callable
+
+import threading
 
 from pyvmm.devices.virtio.chain import QueueError
 from pyvmm.devices.virtio.device import DEVICE_NEEDS_RESET, DRIVER_OK, FEATURE_PAGES, \
@@ -54,19 +63,21 @@ QUEUE_ADDRESS_REGISTERS = {
 
 
 class VirtioMmio:
-    """The virtio-mmio register file for one device.
+    """The virtio-mmio register file for one device (locks: the module docstring).
 
-    The device's lock is ours too (`lock`): a register access, a queue kick and
-    a backend event never run at once."""
+    `defer` runs a call later on the I/O thread (attach() sets it): a queue
+    whose slice ran out of budget continues there.  Without one (tests, the
+    bench) the kick serves slice after slice until the queue is empty."""
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory,
                  raise_irq: Callable[[], None]) -> None:
         self.device = device
         self.memory = memory
-        self.lock = device.lock
+        self.lock = threading.RLock()      # the registers' (fail() runs inside _activate)
         self.interrupt = VirtioInterrupt(raise_irq, self.fail)
         self.error: str | None = None
         self.eventfds: list[int] = []      # irqfd and ioeventfds (attach()), closed with us
+        self.defer: Callable[[Callable[[], None]], None] | None = None
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -74,7 +85,7 @@ class VirtioMmio:
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
-        self.interrupt.status = 0
+        self.interrupt.clear()
 
     @property
     def active(self) -> bool:
@@ -94,12 +105,22 @@ class VirtioMmio:
         return value.to_bytes(4, "little")[:size] + bytes(max(0, size - 4))
 
     def write(self, offset: int, data: bytes) -> None:
-        with self.lock:
-            if offset >= CONFIG:
-                return                          # no writable config fields in our devices
-            if len(data) != 4:
-                return                          # 4.2.2: registers take 32-bit accesses only
-            self._write_register(offset, int.from_bytes(data, "little"))
+        if offset >= CONFIG:
+            return                              # no writable config fields in our devices
+        if len(data) != 4:
+            return                              # 4.2.2: registers take 32-bit accesses only
+        value = int.from_bytes(data, "little")
+        if offset == QUEUE_NOTIFY:
+            # Only reached when no ioeventfd is registered (tests, or before activation);
+            # served like a kick, with no register lock held.
+            if self.active and value < len(self.device.queues):
+                self.notify(value)
+        elif offset == STATUS:
+            with self.device.lock, self.lock:   # resets and activations wait for a request
+                self._write_status(value)
+        else:
+            with self.lock:
+                self._write_register(offset, value)
 
     def _queue(self) -> Virtqueue | None:
         queues = self.device.queues
@@ -131,8 +152,11 @@ class VirtioMmio:
         return 0
 
     def _write_register(self, offset: int, value: int) -> None:
+        """Any register but Status and QueueNotify.  A queue's registers change only
+        before DRIVER_OK: the I/O thread never serves a queue that is being set up."""
         queue = self._queue()
-        configurable = queue is not None and not queue.ready and not self.status & DRIVER_OK
+        settable = queue is not None and not self.status & DRIVER_OK
+        configurable = settable and not queue.ready
         if offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
@@ -146,18 +170,16 @@ class VirtioMmio:
             queue.size = value
         elif offset in QUEUE_ADDRESS_REGISTERS and configurable:
             self._set_queue_address(queue, offset, value)
-        elif offset == QUEUE_READY and queue is not None:
+        elif offset == QUEUE_READY and settable:
             queue.ready = bool(value & 1)
-        elif offset == QUEUE_NOTIFY:
-            # Only reached when no ioeventfd is registered (tests, or before activation).
-            if self.active and value < len(self.device.queues):
-                self.notify(value)
         elif offset == INTERRUPT_ACK:
             self.interrupt.acknowledge(value)
-        elif offset == STATUS:
-            self._set_status(value)
-            if not self.active and self.device.serving:
-                self.device.stop_serving()      # DRIVER_OK taken back, or NEEDS_RESET written
+
+    def _write_status(self, value: int) -> None:
+        """A Status write, under both locks."""
+        self._set_status(value)
+        if not self.active and self.device.serving:
+            self.device.stop_serving()          # DRIVER_OK taken back, or NEEDS_RESET written
 
     @staticmethod
     def _set_queue_address(queue: Virtqueue, offset: int, value: int) -> None:
@@ -203,7 +225,7 @@ class VirtioMmio:
                 queue.activate(self.memory, event_idx, indirect)
 
     def reset(self) -> None:
-        with self.lock:
+        with self.device.lock, self.lock:
             self.device.reset()
             self._reset_registers()
             self.error = None
@@ -211,20 +233,35 @@ class VirtioMmio:
     # -- device side (I/O thread) --------------------------------------------------
 
     def notify(self, index: int) -> None:
-        """The driver kicked queue `index`."""
+        """The driver kicked queue `index`: serve one slice of it; if the budget ran
+        out, the rest comes later (defer), after the other devices' work."""
         queues = self.device.queues
-        if index < len(queues) and queues[index].ready:
-            self.device.serve(functools.partial(self.device.process_queue, index))
+        if index >= len(queues):
+            return
+        serve_slice = functools.partial(self.device.process_queue, index)
+        while queues[index].ready and self.device.serve(serve_slice):
+            if self.defer is not None:
+                self.defer(functools.partial(self.notify, index))
+                return
 
     def fail(self, reason: str) -> None:
-        """The driver broke the protocol: stop serving until it resets us (2.1.2)."""
+        """The driver broke the protocol, or serving it raised: stop serving until
+        it resets us (2.1.2).  Takes only the register lock: the I/O thread calls
+        it holding the serving lock, which comes first."""
         with self.lock:
             self.error = reason
             self.device.stats["errors"] += 1
+            self.device.record_failure(reason)
             self.status |= DEVICE_NEEDS_RESET
             self.device.stop_serving()
             if self.status & DRIVER_OK:
                 self.interrupt.signal_config()
+
+    def report(self) -> dict:
+        """The device's counters, why it last failed and its last failure messages:
+        what LinuxVm.stats() shows for a virtio device."""
+        return dict(self.device.stats, error=self.error,
+                    recent_errors=list(self.device.recent_errors))
 
     def close(self) -> None:
         """Release the device's backend and our eventfds; the I/O thread must be stopped."""
@@ -237,7 +274,7 @@ class VirtioMmio:
 
     def save(self) -> dict:
         """The registers and the device's state, as a JSON-able dict."""
-        with self.lock:
+        with self.device.lock, self.lock:
             return {"status": self.status, "device_features_sel": self.device_features_sel,
                     "driver_features_sel": self.driver_features_sel,
                     "queue_sel": self.queue_sel, "interrupt_status": self.interrupt.status,
@@ -253,7 +290,7 @@ class VirtioMmio:
                    ("device_features_sel", "driver_features_sel", "queue_sel")]
         interrupt_status = saved.number("interrupt_status", INT_VRING | INT_CONFIG)
         error = saved.optional_text("error")
-        with self.lock:
+        with self.device.lock, self.lock:
             self.reset()
             self.device.restore(saved.record("device"))
             if status & FEATURES_OK and not self._features_acceptable():
@@ -298,6 +335,7 @@ def attach(machine: "Machine", iothread: "IoThread", device: VirtioDevice, index
         machine.vm.irqfd(irqfd, irq)
         transport = VirtioMmio(device, machine.memory, eventfd_irq(irqfd))
         transport.eventfds = eventfds
+        transport.defer = iothread.call_soon
         if hasattr(device, "watch_tap"):
             device.watch_tap = functools.partial(iothread.watch, device.fd, device.tap_readable)
         machine.add_device(Bus.MMIO, base, MMIO_WINDOW, transport, name[:23])

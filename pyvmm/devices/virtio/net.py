@@ -16,7 +16,7 @@ import struct
 from typing import Callable
 
 from pyvmm.devices.virtio.chain import Chain, QueueError, Reader
-from pyvmm.devices.virtio.device import VirtioDevice, VirtioInterrupt
+from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, VirtioDevice, VirtioInterrupt
 from pyvmm.devices.virtio.state import StateReader, encode_bytes
 from pyvmm.errors import PyvmmError
 from pyvmm.memory import GuestMemory
@@ -160,12 +160,12 @@ class Net(VirtioDevice):
 
     # -- transmit: guest -> TAP ----------------------------------------------------
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
         if index == TX:
             sent = self.serve_each(self.queues[TX], self._transmit)
             self.stats["requests"] += sent
-        else:
-            self._deliver()             # the guest gave us receive buffers
+            return sent >= CHAINS_PER_SLICE
+        return self._deliver()          # the guest gave us receive buffers
 
     def _transmit(self, chain: Chain) -> int:
         """Send one frame (vnet header first) to the TAP; the guest gets its
@@ -188,13 +188,15 @@ class Net(VirtioDevice):
     # -- receive: TAP -> guest -----------------------------------------------------
 
     def tap_readable(self) -> None:
-        """The TAP has frames (I/O thread)."""
+        """The TAP has frames (I/O thread).  The TAP's fd is watched level-triggered:
+        frames left after a slice bring us back on the next round."""
         self.serve(self._deliver)
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> bool:
+        """Deliver up to CHAINS_PER_SLICE frames; True if that budget ran out."""
         queue = self.queues[RX]
         delivered = 0
-        while True:
+        while delivered < CHAINS_PER_SLICE:
             if self._pending is None:
                 try:
                     n = os.readv(self.fd, [self._rx_buffer])
@@ -214,6 +216,7 @@ class Net(VirtioDevice):
         if delivered:
             assert self.interrupt is not None
             self.interrupt.signal_used(queue)
+        return delivered >= CHAINS_PER_SLICE
 
     def _place(self, packet: memoryview) -> bool:
         """Copy one frame (vnet header first) into RX chains; False if none are free."""

@@ -1,10 +1,11 @@
 """Split virtqueues (virtio 1.2, section 2.7), read defensively.
 
 The guest owns the rings and may put anything in them.  Every descriptor's
-address and length is checked against guest RAM before it is touched, chains
-are capped at the queue size (or the indirect table's size) so that a loop
-ends, and any rule broken raises QueueError: the device then marks itself
-NEEDS_RESET instead of serving a request it cannot trust.
+address and length is checked against guest RAM before it is touched, empty
+ones too; a chain is at most the queue size long, an indirect table's too
+(2.7.5.3.1), so that a loop ends and a chain's views are O(queue size); any
+rule broken raises QueueError: the device then marks itself NEEDS_RESET
+instead of serving a request it cannot trust.
 """
 from __future__ import annotations
 
@@ -200,8 +201,12 @@ class Virtqueue:
                     raise QueueError("indirect descriptor where none is allowed")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise QueueError("an indirect descriptor must not have NEXT set")
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                if length == 0 or length % DESC_SIZE:
                     raise QueueError(f"indirect table length {length} is not a multiple of 16")
+                if length // DESC_SIZE > self.size:
+                    # 2.7.5.3.1: no chain longer than the queue size, indirect ones included.
+                    raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors on "
+                                     f"a {self.size}-entry queue")
                 if not mem.contains(addr, length):
                     raise QueueError(f"indirect table at {addr:#x}+{length} is outside guest RAM")
                 table, count = mem.view(addr, length), length // DESC_SIZE
@@ -212,12 +217,13 @@ class Virtqueue:
                     readable = len(views), total, seen - 1
             elif readable is not None:
                 raise QueueError("a device-readable buffer follows a device-writable one")
+            try:
+                view = view_of(addr, length)    # an empty buffer must be in RAM too
+            except GuestMemoryError:
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") \
+                    from None
             if length:
-                try:
-                    views.append(view_of(addr, length))
-                except GuestMemoryError:
-                    raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") \
-                        from None
+                views.append(view)
             total += length
             if total >= MAX_CHAIN_BYTES:
                 raise QueueError("descriptor chain is longer than 4 GiB")

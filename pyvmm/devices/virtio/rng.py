@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 
 from pyvmm.devices.virtio.chain import Chain, QueueError
-from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, REQUEST_MEMORY_BOUND, VirtioDevice
 
 DEVICE_ID_ENTROPY = 4
-MAX_REQUEST = 64 * 1024                 # per chain; the driver asks for far less
+MAX_REQUEST = REQUEST_MEMORY_BOUND      # per chain: one bytes object; the driver asks for less
 
 
 class Rng(VirtioDevice):
@@ -15,8 +15,8 @@ class Rng(VirtioDevice):
     queue_sizes = (64,)
     name = "virtio-rng"
 
-    def process_queue(self, index: int) -> None:
-        self.serve_each(self.queues[index], self._fill)
+    def process_queue(self, index: int) -> bool:
+        return self.serve_each(self.queues[index], self._fill) >= CHAINS_PER_SLICE
 
     def _fill(self, chain: Chain) -> int:
         if chain.readable_buffers:
