@@ -53,8 +53,30 @@ def disk(tmp_path):
     return path
 
 
+_OPEN_BLOCKS: list[Block] = []
+
+
+def new_block(path, read_only=False, serial=""):
+    """A Block closed when the test (or close_blocks()) ends: an image is locked
+    while a device has it open, so each example of a property closes its own."""
+    device = Block(path, read_only=read_only, serial=serial)
+    _OPEN_BLOCKS.append(device)
+    return device
+
+
+def close_blocks():
+    while _OPEN_BLOCKS:
+        _OPEN_BLOCKS.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def _blocks_closed():
+    yield
+    close_blocks()
+
+
 def make_blk(memory, path, read_only=False, queue_size=16):
-    device = Block(path, read_only=read_only, serial="disk0")
+    device = new_block(path, read_only=read_only, serial="disk0")
     irq = Irq()
     transport = mmio.VirtioMmio(device, memory, irq)
     driver = HostDriver(transport, memory, queue_size=queue_size)
@@ -151,11 +173,11 @@ def test_a_driver_that_takes_driver_ok_back_is_not_served_until_it_sets_it(memor
 
 def test_bad_disk_images_are_refused(tmp_path):
     with pytest.raises(DiskError, match="cannot open"):
-        Block(tmp_path / "missing.img")
+        new_block(tmp_path / "missing.img")
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
     with pytest.raises(DiskError, match="not a multiple of 512"):
-        Block(odd)
+        new_block(odd)
 
 
 def test_rng_fills_writable_buffers(memory):
@@ -171,7 +193,7 @@ def test_rng_fills_writable_buffers(memory):
 
 
 def test_feature_negotiation_refuses_unknown_bits(memory, disk):
-    device = Block(disk)
+    device = new_block(disk)
     transport = mmio.VirtioMmio(device, memory, Irq())
     driver = HostDriver(transport, memory, features=(1 << 32) | (1 << 60))
     driver.setup()
@@ -182,7 +204,7 @@ def test_feature_negotiation_refuses_unknown_bits(memory, disk):
 
 
 def test_magic_version_and_ids(memory, disk):
-    transport = mmio.VirtioMmio(Block(disk), memory, Irq())
+    transport = mmio.VirtioMmio(new_block(disk), memory, Irq())
     assert transport.read(mmio.MAGIC_VALUE, 4) == b"virt"
     assert int.from_bytes(transport.read(mmio.VERSION_REG, 4), "little") == 2
     assert int.from_bytes(transport.read(mmio.DEVICE_ID, 4), "little") == 2
@@ -233,7 +255,7 @@ def test_extreme_lengths(memory, disk, length):
 
 
 def test_queue_size_not_a_power_of_two(memory, disk):
-    device = Block(disk)
+    device = new_block(disk)
     transport = mmio.VirtioMmio(device, memory, Irq())
     HostDriver(transport, memory, queue_size=12).setup()
     assert transport.status & mmio.DEVICE_NEEDS_RESET and "power of two" in transport.error
@@ -274,6 +296,7 @@ descriptor = st.tuples(st.one_of(st.integers(0, MEM + 4096), st.integers(0, 2**6
        avail_jump=st.integers(0, 0xFFFF), header=st.binary(min_size=16, max_size=16))
 def test_random_descriptor_tables_never_escape_guest_ram(memory, disk, table, heads, avail_jump,
                                                          header):
+    close_blocks()
     device, t, driver, _ = make_blk(memory, disk)
     disk_before = disk.read_bytes()
     memory.write(driver.data, header)
@@ -299,7 +322,8 @@ def test_random_descriptor_tables_never_escape_guest_ram(memory, disk, table, he
                                  st.one_of(st.just(0), st.integers(0, 255),
                                            st.integers(0, 2**32 - 1))), max_size=40))
 def test_random_register_writes_including_resets(memory, disk, writes):
-    transport = mmio.VirtioMmio(Block(disk), memory, Irq())
+    close_blocks()
+    transport = mmio.VirtioMmio(new_block(disk), memory, Irq())
     for offset, value in writes:
         if offset == mmio.QUEUE_NOTIFY:
             value %= 4
@@ -573,7 +597,7 @@ def test_blk_save_restore_continues_where_it_was(memory, disk):
     assert state["device"]["queues"][0]["next_avail"] == 3
     assert state["device"]["queues"][0]["next_used"] == 3
     t.close()
-    fresh = Block(disk, serial="disk0")
+    fresh = new_block(disk, serial="disk0")
     t2 = restored_transport(fresh, memory, state)
     assert t2.active and t2.save() == state
     driver.t = t2                                   # the same driver, the same rings
@@ -631,15 +655,19 @@ def test_net_save_restore_keeps_the_frame_waiting_for_buffers(memory):
 
 
 def test_a_reset_device_saves_and_restores_inactive(memory, disk):
-    t = mmio.VirtioMmio(Block(disk), memory, Irq())
-    t2 = restored_transport(Block(disk), memory, roundtrip(t.save()))
+    t = mmio.VirtioMmio(new_block(disk), memory, Irq())
+    state = roundtrip(t.save())
+    t.close()
+    t2 = restored_transport(new_block(disk), memory, state)
     assert t2.status == 0 and not t2.active and not t2.device.serving
 
 
 def saved_blk(memory, disk) -> dict:
     _, t, driver, _ = make_blk(memory, disk)
     blk_request(driver, T_IN, 0, 512)
-    return roundtrip(t.save())
+    state = roundtrip(t.save())
+    t.close()
+    return state
 
 
 def with_value(state: dict, path: tuple, value: object) -> dict:
@@ -667,7 +695,7 @@ def with_value(state: dict, path: tuple, value: object) -> dict:
 ])
 def test_restore_refuses_bad_state(memory, disk, path, value, message):
     state = with_value(saved_blk(memory, disk), path, value)
-    t = mmio.VirtioMmio(Block(disk), memory, Irq())
+    t = mmio.VirtioMmio(new_block(disk), memory, Irq())
     with pytest.raises(StateError, match=message):
         t.restore(state)
     assert not t.active and not t.device.serving
@@ -678,7 +706,7 @@ def test_restore_refuses_another_disk_size(memory, disk, tmp_path):
     other = tmp_path / "other.img"
     other.write_bytes(bytes(512 * 10))
     with pytest.raises(StateError, match="does not match disk image"):
-        restored_transport(Block(other), memory, state)
+        restored_transport(new_block(other), memory, state)
 
 
 json_values = st.recursive(
@@ -692,7 +720,8 @@ json_values = st.recursive(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=json_values)
 def test_garbage_state_is_a_state_error(memory, disk, garbage):
-    t = mmio.VirtioMmio(Block(disk), memory, Irq())
+    close_blocks()
+    t = mmio.VirtioMmio(new_block(disk), memory, Irq())
     with pytest.raises(StateError):
         t.restore(garbage)
 
@@ -719,13 +748,14 @@ def test_corrupted_state_is_restored_or_refused(memory, disk, data):
     # A snapshot file is hostile: any field may hold anything.  Restoring it
     # either works (and the device then serves or waits for a reset) or is a
     # StateError, never another exception.
+    close_blocks()
     state = saved_blk(memory, disk)
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(state_paths(state)))
         value = data.draw(st.one_of(json_values, st.integers(-1, 2**64 + 1),
                                     st.sampled_from([0, 1, 12, 16, 2**32, MEM, True])))
         state = with_value(state, path, value)
-    t = mmio.VirtioMmio(Block(disk), memory, Irq())
+    t = mmio.VirtioMmio(new_block(disk), memory, Irq())
     try:
         t.restore(state)
     except StateError:

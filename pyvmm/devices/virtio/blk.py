@@ -5,16 +5,23 @@ A request is parsed through the chain's cursors: a 16-byte header from the
 device-readable bytes, the status byte as the last device-writable byte
 (5.2.6), and the data in between handed to the backend as views of guest
 RAM, so preadv/pwritev move it with no copy in Python.
+
+DISCARD and WRITE_ZEROES are held to the limits the config space advertises
+(5.2.4): one segment per request, read through the cursor, and at most
+MAX_DISCARD_SECTORS / MAX_WRITE_ZEROES_SECTORS sectors in it; the backend
+zeroes with fallocate or from a small fixed buffer.  A request's own Python
+memory is its 16-byte header and segment, whatever the guest asks.
 """
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Iterator
 
 from pyvmm.devices.disk import SECTOR_SIZE, RawDisk
 from pyvmm.devices.disk import DiskError as DiskError    # what Block() raises for a bad image
 from pyvmm.devices.virtio.chain import Chain, QueueError, Reader, Writer
-from pyvmm.devices.virtio.device import MAX_CONFIG_SIZE, VirtioDevice
+from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, MAX_CONFIG_SIZE, VirtioDevice
 from pyvmm.devices.virtio.state import StateError, StateReader
 
 DEVICE_ID_BLOCK = 2
@@ -36,8 +43,13 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 HEADER = struct.Struct("<IIQ")          # struct virtio_blk_req: type, reserved, sector
 STATUS = struct.Struct("<B")            # the u8 status, the last device-writable byte
 SEGMENT = struct.Struct("<QII")         # discard/write-zeroes: sector, num_sectors, flags
-MAX_DISCARD_SECTORS = 1 << 22           # 2 GiB per request
-MAX_DISCARD_SEGMENTS = 1
+F_UNMAP = 1                             # the segment's flags: unmap (write zeroes only)
+# What the config space advertises (5.2.4), and what requests are held to.
+MAX_DISCARD_SECTORS = 1 << 22           # 2 GiB: punching a hole is metadata work
+MAX_DISCARD_SEGMENTS = 1                # as QEMU: no user API sends more
+DISCARD_SECTOR_ALIGNMENT = 1
+MAX_WRITE_ZEROES_SECTORS = 1 << 16      # 32 MiB: at most 512 writes where fallocate fails
+MAX_WRITE_ZEROES_SEGMENTS = 1
 
 
 class RequestError(Exception):
@@ -63,6 +75,7 @@ class Block(VirtioDevice):
             self.features |= 1 << VIRTIO_BLK_F_RO
         else:
             self.features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+        self.stats.update(bytes_discarded=0, bytes_zeroed=0)
         self.config = self._build_config()
 
     def _build_config(self) -> bytearray:
@@ -71,9 +84,10 @@ class Block(VirtioDevice):
         struct.pack_into("<Q", config, 0, self.disk.size // SECTOR_SIZE)   # capacity
         struct.pack_into("<I", config, 12, SEG_MAX)                         # seg_max
         struct.pack_into("<I", config, 20, SECTOR_SIZE)                     # blk_size
-        struct.pack_into("<III", config, 36, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1)
-        struct.pack_into("<II", config, 48, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS)
-        config[56] = 1                                                      # may unmap
+        struct.pack_into("<III", config, 36, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+                         DISCARD_SECTOR_ALIGNMENT)
+        struct.pack_into("<II", config, 48, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS)
+        config[56] = 1                                      # write_zeroes_may_unmap
         return config
 
     def replace_backing(self, path: Path) -> None:
@@ -100,8 +114,8 @@ class Block(VirtioDevice):
 
     # -- requests ----------------------------------------------------------------
 
-    def process_queue(self, index: int) -> None:
-        self.serve_each(self.queues[index], self._serve)
+    def process_queue(self, index: int) -> bool:
+        return self.serve_each(self.queues[index], self._serve) >= CHAINS_PER_SLICE
 
     def _serve(self, chain: Chain) -> int:
         """Handles one request; returns the bytes written into guest buffers."""
@@ -139,8 +153,11 @@ class Block(VirtioDevice):
             return 0
         if rtype == T_GET_ID:
             return self._get_id(reply)
-        if rtype in (T_DISCARD, T_WRITE_ZEROES) and not self.read_only:
-            self._discard_or_zero(rtype, request)
+        if rtype == T_DISCARD and not self.read_only:
+            self._discard(request)
+            return 0
+        if rtype == T_WRITE_ZEROES and not self.read_only:
+            self._write_zeroes(request)
             return 0
         raise RequestError(S_UNSUPP if rtype not in (T_DISCARD, T_WRITE_ZEROES) else S_IOERR)
 
@@ -176,16 +193,34 @@ class Block(VirtioDevice):
             raise RequestError(S_IOERR)
         return offset
 
-    def _discard_or_zero(self, rtype: int, request: Reader) -> None:
-        segments = request.available_bytes()
-        if not segments or segments % SEGMENT.size:
+    def _discard(self, request: Reader) -> None:
+        for offset, length, flags in self._segments(request, MAX_DISCARD_SEGMENTS,
+                                                    MAX_DISCARD_SECTORS):
+            if flags & F_UNMAP:
+                raise RequestError(S_UNSUPP)  # 5.2.6.2: unmap is for write zeroes only
+            self.disk.discard(offset, length)
+            self.stats["bytes_discarded"] += length
+
+    def _write_zeroes(self, request: Reader) -> None:
+        for offset, length, flags in self._segments(request, MAX_WRITE_ZEROES_SEGMENTS,
+                                                    MAX_WRITE_ZEROES_SECTORS):
+            self.disk.write_zeroes(offset, length, unmap=bool(flags & F_UNMAP))
+            self.stats["bytes_zeroed"] += length
+
+    def _segments(self, request: Reader, max_segments: int,
+                  max_sectors: int) -> Iterator[tuple[int, int, int]]:
+        """The request's segments as (offset, length, flags) in bytes, one at a time,
+        each checked against the limits the config space advertises."""
+        data = request.available_bytes()
+        if not data or data % SEGMENT.size:
             raise RequestError(S_IOERR)
-        while request.available_bytes():
-            sector, count, _flags = request.read_obj(SEGMENT)
-            if count > MAX_DISCARD_SECTORS:
+        if data // SEGMENT.size > max_segments:
+            raise RequestError(S_UNSUPP)      # more segments than max_*_seg: as QEMU
+        for _ in range(data // SEGMENT.size):
+            sector, count, flags = request.read_obj(SEGMENT)
+            if flags & ~F_UNMAP:
+                raise RequestError(S_UNSUPP)  # reserved flag bits
+            if count > max_sectors:
                 raise RequestError(S_IOERR)
-            offset = self._check_range(sector, count * SECTOR_SIZE)
-            if rtype == T_DISCARD:
-                self.disk.discard(offset, count * SECTOR_SIZE)
-            else:
-                self.disk.write_zeroes(offset, count * SECTOR_SIZE)
+            length = count * SECTOR_SIZE
+            yield self._check_range(sector, length), length, flags
