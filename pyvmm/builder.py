@@ -14,6 +14,7 @@ Three layers, bottom up:
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.devices.virtio.mmio import VirtioMmio
 
+log = logging.getLogger("pyvmm.builder")
 PANIC_MARKER = b"Kernel panic - not syncing"
 # The built-in guest's /init prints this; the console capture time-stamps the
 # write that completes it (our boot timer: no guest change, no extra exit).
@@ -200,8 +202,9 @@ class LinuxVm(Closeable):
         sink = self.console.sink
         stats["console"] = {"written": sink.written, "dropped": sink.dropped,
                             "system_calls": sink.system_calls}
-        stats["virtio"] = {name: dict(t.device.stats, error=t.error)
-                           for name, t in self.virtio.items()}
+        stats["virtio"] = {name: t.report() for name, t in self.virtio.items()}
+        stats["io_thread"] = {"errors": self.iothread.error_count,
+                              "recent_errors": list(self.iothread.recent_errors)}
         return stats
 
     def close(self) -> None:
@@ -212,7 +215,9 @@ class LinuxVm(Closeable):
         if self._closed:
             return
         self._closed = True
-        self.iothread.stop()
+        if not self.iothread.stop():
+            log.warning("close(): the I/O thread is still in a device handler; it ends "
+                        "when the handler returns")
         for transport in self.virtio.values():
             self.machine.at_release(transport.close)
         self.virtio = {}

@@ -67,13 +67,22 @@ class IoThread:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the loop; True if the thread ended within timeout.  A thread still in a
+        handler (a backend blocked in the host kernel) is left to finish it: guest RAM
+        it reaches through memoryviews stays mapped while they live."""
+        if self._wake < 0:
+            return True
         self._stop = True
         os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
-            self._thread.join(5)
-        self._selector.close()
-        os.close(self._wake)
+            self._thread.join(timeout)
+        ended = not self._thread.is_alive()
+        if ended:
+            self._selector.close()
+            os.close(self._wake)
+            self._wake = -1
+        return ended
 
     def _loop(self) -> None:
         while not self._stop:
