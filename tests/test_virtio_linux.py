@@ -179,9 +179,12 @@ def test_the_read_only_disk_refuses_writes(vm):
 
 
 def test_hwrng_gives_random_bytes(vm):
-    out = run_in_shell(vm, "head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'; echo")
-    hexdigits = re.search(r"[0-9a-f]{64}", out)
-    assert hexdigits and hexdigits.group(0) != "0" * 64, out
+    # One process, not a pipeline: on KVM PVM hosts guest processes now and then
+    # start with a stale TLS base and segfault (PVM, not virtio-rng: /dev/urandom
+    # does the same there, SVM never), and each extra process is another chance.
+    out = run_in_shell(vm, "od -An -tx1 -N32 /dev/hwrng")
+    hexdigits = "".join(re.findall(r"\b[0-9a-f]{2}\b", out))
+    assert len(hexdigits) == 64 and hexdigits != "0" * 64, out
     assert vm.stats["virtio"]["entropy"]["bytes_read"] >= 32
 
 
