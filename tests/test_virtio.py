@@ -26,31 +26,7 @@ from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.devices.virtio.state import StateError
 from pyvmm.memory import GuestMemory, MiB
-
-MEM = 4 * MiB
-DISK_SECTORS = 2048
-
-
-class Irq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> None:
-        self.count += 1
-
-
-@pytest.fixture()
-def memory():
-    mem = GuestMemory([(0, MEM)])
-    yield mem
-    mem.close()
-
-
-@pytest.fixture()
-def disk(tmp_path):
-    path = tmp_path / "disk.img"
-    path.write_bytes(os.urandom(512 * DISK_SECTORS))
-    return path
+from tests.framework.virtio import DISK_SECTORS, MEM, Irq, disk, memory  # noqa: F401 - fixtures
 
 
 _OPEN_BLOCKS: list[Block] = []

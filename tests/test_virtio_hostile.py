@@ -49,9 +49,9 @@ from pyvmm.devices.virtio.queue import DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_D
     VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.memory import GuestMemory, MiB
+from tests.framework.virtio import DISK_SECTORS, Irq, disk  # noqa: F401 - a fixture
 
-MEM = 1 * MiB
-DISK_SECTORS = 2048
+MEM = 1 * MiB                      # small: addresses just past it are outside RAM
 QUEUE_SIZE = 16
 EXAMPLES = int(os.environ.get("PYVMM_FUZZ_EXAMPLES", "200"))
 # What one request may cost the VMM: the device's own buffers, plus a small
@@ -65,26 +65,11 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None,
 DESC = struct.Struct("<QIHH")
 
 
-class Irq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> None:
-        self.count += 1
-
-
 @pytest.fixture()
 def memory():
     mem = GuestMemory([(0, MEM)])
     yield mem
     mem.close()
-
-
-@pytest.fixture()
-def disk(tmp_path):
-    path = tmp_path / "disk.img"
-    path.write_bytes(os.urandom(512 * DISK_SECTORS))
-    return path
 
 
 @dataclass
