@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pyvmm import pvm as pvm_host
 from pyvmm.boot.cmdline import build_cmdline
 from pyvmm.boot.cpu import setup_vcpus
+from pyvmm.boot.initrd import panic_hint as initrd_panic_hint
 from pyvmm.boot.loader import LoadedKernel, load_linux
 from pyvmm.closing import Closeable
 from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec
@@ -158,6 +159,8 @@ class LinuxVm(Closeable):
             history = self.console.tail()
             if PANIC_MARKER in history:
                 hint = pvm_host.panic_hint(history) if self.pvm else ""
+                # An initramfs the kernel could not unpack: say which format it was.
+                hint = initrd_panic_hint(history, self.kernel.initrd_format) + hint
                 return VmResult(1, f"the guest kernel panicked{hint}", outcome)
             return VmResult(0, "the guest rebooted", outcome)
         if outcome.kind == OutcomeKind.STOPPED:

@@ -7,12 +7,13 @@ ends in a BootError and never in a write outside guest memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyvmm.boot.bzimage import STARTUP_64_OFFSET, is_bzimage, parse_bzimage
 from pyvmm.boot.cpu import EntryState
 from pyvmm.boot.errors import BootError
+from pyvmm.boot.initrd import check_initrd
 from pyvmm.layout import (CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START,
                                PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
                                ZERO_PAGE_START)
@@ -35,6 +36,8 @@ class LoadedKernel:
     initrd_size: int
     cmdline: bytes
     format: str                       # "bzImage" or "pvh"
+    # The initrd's format as pyvmm.boot.initrd names it ("cpio", "gzip", ...), or None.
+    initrd_format: str | None = None
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -82,12 +85,17 @@ def load_linux(memory: GuestMemory, kernel_path: Path, initrd_path: Path | None,
     if not data:
         raise BootError(f"kernel {kernel_path} is empty")
     initrd = _read(initrd_path, "initrd") if initrd_path else b""
+    # A built-in kernel that cannot unpack this initrd: one BootError before the boot.
+    initrd_format = check_initrd(initrd, initrd_path, kernel_path).format \
+        if initrd_path and initrd else None
     write_mptable(memory, num_cpus)
     if is_bzimage(data):
-        return _load_bzimage(memory, data, initrd, cmdline, str(kernel_path))
-    if is_elf(data):
-        return _load_pvh(memory, data, initrd, cmdline, str(kernel_path))
-    raise BootError(f"kernel {kernel_path} is neither a bzImage nor an ELF vmlinux")
+        loaded = _load_bzimage(memory, data, initrd, cmdline, str(kernel_path))
+    elif is_elf(data):
+        loaded = _load_pvh(memory, data, initrd, cmdline, str(kernel_path))
+    else:
+        raise BootError(f"kernel {kernel_path} is neither a bzImage nor an ELF vmlinux")
+    return replace(loaded, initrd_format=initrd_format)
 
 
 def _load_bzimage(memory: GuestMemory, data: bytes, initrd: bytes, cmdline: str,
