@@ -19,6 +19,7 @@ from pyvmm.boot.errors import BootError
 from pyvmm.boot.initrd import CPIO, UNKNOWN, detect_format, inspect, panic_hint
 from pyvmm.boot.loader import load_linux
 from pyvmm.memory import MiB, GuestMemory
+from pyvmm.pvm import is_pvm_host
 from tests.framework.images import make_bzimage
 
 
@@ -146,10 +147,23 @@ def test_the_builtin_kernel_refuses_in_one_line(fake_builtin, memory, tmp_path, 
     assert "\n" not in str(err.value)
 
 
-def test_the_builtin_kernel_takes_what_it_can_unpack(fake_builtin, memory, tmp_path):
+def test_the_builtin_kernel_takes_what_it_can_unpack(fake_builtin, memory, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.setattr("pyvmm.pvm.is_pvm_host", lambda: False)
     for data, fmt in ((CPIO_BYTES, "cpio"), (gzip.compress(CPIO_BYTES), "gzip"),
                       (b"\x28\xb5\x2f\xfd" + b"\0" * 64, "zstd")):
         assert _load(memory, fake_builtin.bzimage, tmp_path, data).initrd_format == fmt
+
+
+def test_zstd_is_refused_on_kvm_pvm(fake_builtin, memory, tmp_path, monkeypatch):
+    """Linux's zstd runs BMI2 instructions (shlx) there, which KVM's emulator cannot."""
+    monkeypatch.setattr("pyvmm.pvm.is_pvm_host", lambda: True)
+    with pytest.raises(BootError) as err:
+        _load(memory, fake_builtin.bzimage, tmp_path, b"\x28\xb5\x2f\xfd" + b"\0" * 64)
+    assert str(err.value) == (
+        f"initrd {tmp_path / 'initrd'} is zstd-compressed, and on this KVM PVM host the guest "
+        f"kernel's zstd decompressor runs BMI2 instructions that KVM cannot emulate: "
+        f"recompress it with gzip (or leave it uncompressed)")
 
 
 def test_a_foreign_kernel_takes_anything_and_the_format_is_recorded(fake_builtin, memory,
@@ -236,5 +250,9 @@ def _compressed_guest_initramfs(guest, tmp_path, fmt: str):
 def test_the_builtin_kernel_boots_a_compressed_busybox_initramfs(guest, tmp_path,
                                                                  microvm_factory, fmt):
     path = _compressed_guest_initramfs(guest, tmp_path, fmt)
+    if fmt == "zstd" and is_pvm_host():              # refused before the boot: see above
+        with pytest.raises(BootError, match="BMI2 instructions that KVM cannot emulate"):
+            microvm_factory.boot(initrd=path)
+        return
     vm = microvm_factory.boot(initrd=path)          # waits for the /init's PYVMM-INIT-OK
     assert b"Initramfs unpacking failed" not in vm.capture.tail()

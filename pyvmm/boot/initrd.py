@@ -198,6 +198,14 @@ def _builtin_problem(info: InitrdInfo, path: Path, decompressors: frozenset[str]
     return None
 
 
+# Linux's zstd picks BMI2 code (shlx...) by the CPUID instruction, which on KVM PVM shows
+# the host's BMI2 whatever KVM_SET_CPUID2 says, and KVM's emulator cannot run shlx: the
+# guest ends in "KVM internal error: instruction emulation failed" while unpacking.
+PVM_ZSTD = ("initrd {path} is zstd-compressed, and on this KVM PVM host the guest "
+            "kernel's zstd decompressor runs BMI2 instructions that KVM cannot emulate: "
+            "recompress it with gzip (or leave it uncompressed)")
+
+
 def check_initrd(data: bytes, path: Path, kernel_path: Path) -> InitrdInfo:
     """inspect() the initrd; raise BootError (one line) if the built-in kernel could not
     unpack it; log a warning if it is compressed and large on a KVM PVM host."""
@@ -208,6 +216,10 @@ def check_initrd(data: bytes, path: Path, kernel_path: Path) -> InitrdInfo:
             problem = _builtin_problem(info, path, decompressors)
             if problem:
                 raise BootError(problem)
+            if info.format == "zstd":
+                from pyvmm.pvm import is_pvm_host
+                if is_pvm_host():
+                    raise BootError(PVM_ZSTD.format(path=path))
     notice = pvm_notice(info, path, len(data))
     if notice:
         log.warning(notice)
