@@ -140,7 +140,9 @@ def _load(memory, kernel, tmp_path, data: bytes, name: str = "initrd"):
      "initrd {p} is not an initramfs (a newc cpio archive, plain or compressed with gzip, "
      "zstd): make one with `find . | cpio -o -H newc | gzip`"),
 ])
-def test_the_builtin_kernel_refuses_in_one_line(fake_builtin, memory, tmp_path, data, message):
+def test_the_builtin_kernel_refuses_in_one_line(fake_builtin, memory, tmp_path, data, message,
+                                                monkeypatch):
+    monkeypatch.setattr("pyvmm.pvm.is_pvm_host", lambda: False)
     with pytest.raises(BootError) as err:
         _load(memory, fake_builtin.bzimage, tmp_path, data)
     assert str(err.value) == message.format(p=tmp_path / "initrd")
@@ -158,6 +160,8 @@ def test_the_builtin_kernel_takes_what_it_can_unpack(fake_builtin, memory, tmp_p
 def test_zstd_is_refused_on_kvm_pvm(fake_builtin, memory, tmp_path, monkeypatch):
     """Linux's zstd runs BMI2 instructions (shlx) there, which KVM's emulator cannot."""
     monkeypatch.setattr("pyvmm.pvm.is_pvm_host", lambda: True)
+    with pytest.raises(BootError, match=r"bzip2-compressed, .*: recompress it with gzip$"):
+        _load(memory, fake_builtin.bzimage, tmp_path, b"BZh91AY&SY" + b"\0" * 64)
     with pytest.raises(BootError) as err:
         _load(memory, fake_builtin.bzimage, tmp_path, b"\x28\xb5\x2f\xfd" + b"\0" * 64)
     assert str(err.value) == (
@@ -182,9 +186,9 @@ def test_a_large_compressed_initrd_on_pvm_gets_one_line(fake_builtin, memory, tm
     with caplog.at_level("WARNING", logger="pyvmm.boot.initrd"):
         _load(memory, fake_builtin.bzimage, tmp_path, CPIO_BYTES)          # small: nothing
         assert not caplog.records
-        initrd_mod.check_initrd(big, tmp_path / "big.gz", tmp_path / "other")
+        info = initrd_mod.check_initrd(big, tmp_path / "big.gz", tmp_path / "other")
     [record] = caplog.records
-    assert record.getMessage() == (
+    assert info.notice == record.getMessage() == (
         f"pyvmm: initrd {tmp_path / 'big.gz'} is 5.0 MiB of gzip: on this KVM PVM host the "
         f"guest kernel decompresses it at emulated speed (slow); an uncompressed cpio boots "
         f"faster")

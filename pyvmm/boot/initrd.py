@@ -19,7 +19,7 @@ import logging
 import lzma
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyvmm.boot.errors import BootError
@@ -70,6 +70,7 @@ class InitrdInfo:
     (a corrupt cpio header, a compressed stream that holds no cpio archive), or None."""
     segments: tuple[str, ...]
     problem: str | None = None
+    notice: str | None = None          # check_initrd's KVM PVM line (pvm_notice), if any
 
     @property
     def format(self) -> str:
@@ -180,9 +181,10 @@ def _builtin_problem(info: InitrdInfo, path: Path, decompressors: frozenset[str]
     fmt = info.format
     usable = ", ".join(sorted(decompressors)) or "none"
     if fmt in COMPRESSED and fmt not in decompressors:
+        better = " or ".join(f for f in ("gzip", "zstd") if f in decompressors and not (
+            f == "zstd" and _pvm()))              # zstd does not unpack on PVM: PVM_ZSTD
         return f"initrd {path} is {fmt}-compressed, which the built-in kernel cannot " \
-               f"unpack: " + ("recompress it with gzip or zstd" if {"gzip", "zstd"} <= \
-                              decompressors else "decompress it")
+               f"unpack: " + (f"recompress it with {better}" if better else "decompress it")
     if info.problem:
         return f"initrd {path} is not a usable initramfs: {info.problem}; rebuild it with " \
                f"`find . | cpio -o -H newc | gzip`"
@@ -206,6 +208,11 @@ PVM_ZSTD = ("initrd {path} is zstd-compressed, and on this KVM PVM host the gues
             "recompress it with gzip (or leave it uncompressed)")
 
 
+def _pvm() -> bool:
+    from pyvmm.pvm import is_pvm_host
+    return is_pvm_host()
+
+
 def check_initrd(data: bytes, path: Path, kernel_path: Path) -> InitrdInfo:
     """inspect() the initrd; raise BootError (one line) if the built-in kernel could not
     unpack it; log a warning if it is compressed and large on a KVM PVM host."""
@@ -216,22 +223,19 @@ def check_initrd(data: bytes, path: Path, kernel_path: Path) -> InitrdInfo:
             problem = _builtin_problem(info, path, decompressors)
             if problem:
                 raise BootError(problem)
-            if info.format == "zstd":
-                from pyvmm.pvm import is_pvm_host
-                if is_pvm_host():
-                    raise BootError(PVM_ZSTD.format(path=path))
+            if info.format == "zstd" and _pvm():
+                raise BootError(PVM_ZSTD.format(path=path))
     notice = pvm_notice(info, path, len(data))
     if notice:
         log.warning(notice)
-    return info
+    return replace(info, notice=notice)
 
 
 def pvm_notice(info: InitrdInfo, path: Path, size: int) -> str | None:
     """The one line about a large compressed initrd on a KVM PVM host, or None."""
     if info.compression is None or size <= PVM_SLOW_SIZE:
         return None
-    from pyvmm.pvm import is_pvm_host
-    if not is_pvm_host():
+    if not _pvm():
         return None
     return (f"pyvmm: initrd {path} is {size / (1 << 20):.1f} MiB of {info.compression}: on "
             f"this KVM PVM host the guest kernel decompresses it at emulated speed (slow); "

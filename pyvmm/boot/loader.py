@@ -38,6 +38,8 @@ class LoadedKernel:
     format: str                       # "bzImage" or "pvh"
     # The initrd's format as pyvmm.boot.initrd names it ("cpio", "gzip", ...), or None.
     initrd_format: str | None = None
+    # One line for the user about the initrd (a large compressed one on KVM PVM), or None.
+    initrd_notice: str | None = None
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -86,8 +88,7 @@ def load_linux(memory: GuestMemory, kernel_path: Path, initrd_path: Path | None,
         raise BootError(f"kernel {kernel_path} is empty")
     initrd = _read(initrd_path, "initrd") if initrd_path else b""
     # A built-in kernel that cannot unpack this initrd: one BootError before the boot.
-    initrd_format = check_initrd(initrd, initrd_path, kernel_path).format \
-        if initrd_path and initrd else None
+    info = check_initrd(initrd, initrd_path, kernel_path) if initrd_path and initrd else None
     write_mptable(memory, num_cpus)
     if is_bzimage(data):
         loaded = _load_bzimage(memory, data, initrd, cmdline, str(kernel_path))
@@ -95,7 +96,8 @@ def load_linux(memory: GuestMemory, kernel_path: Path, initrd_path: Path | None,
         loaded = _load_pvh(memory, data, initrd, cmdline, str(kernel_path))
     else:
         raise BootError(f"kernel {kernel_path} is neither a bzImage nor an ELF vmlinux")
-    return replace(loaded, initrd_format=initrd_format)
+    return replace(loaded, initrd_format=info and info.format,
+                   initrd_notice=info and info.notice)
 
 
 def _load_bzimage(memory: GuestMemory, data: bytes, initrd: bytes, cmdline: str,
