@@ -238,8 +238,8 @@ def pvm_notice(info: InitrdInfo, path: Path, size: int) -> str | None:
     if not _pvm():
         return None
     return (f"pyvmm: initrd {path} is {size / (1 << 20):.1f} MiB of {info.compression}: on "
-            f"this KVM PVM host the guest kernel decompresses it at emulated speed (slow); "
-            f"an uncompressed cpio boots faster")
+            f"this KVM PVM host the guest kernel decompresses it at emulated speed (gzip "
+            f"~40 s per MB, xz or lzma minutes); an uncompressed cpio boots faster")
 
 
 UNMOUNTABLE_ROOT = b"Unable to mount root fs"
