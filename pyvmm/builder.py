@@ -189,6 +189,11 @@ class LinuxVm(Closeable):
 
     # -- observing ---------------------------------------------------------------
 
+    @property
+    def notices(self) -> list[str]:
+        """One-line facts a user starting this VM should see (a slow initrd on PVM)."""
+        return [self.kernel.initrd_notice] if self.kernel.initrd_notice else []
+
     def boot_times(self) -> dict[str, float | None]:
         """Seconds from process start (exec) and from start() to the /init marker."""
         seen = self.console.marker_time(INIT_MARKER)

@@ -192,6 +192,8 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
         if vm.pvm:
             from pyvmm.pvm import STARTUP_NOTICE
             print(STARTUP_NOTICE, file=sys.stderr)
+        for notice in vm.notices:
+            print(notice, file=sys.stderr)
         if args.console == "stdio" and vm.state != "Exited":
             reader = StdinReader(functools.partial(_type_into, vm), vm.stop)
             reader.start()

@@ -164,6 +164,11 @@ class MicroVM(Closeable):
         """Whether the host is KVM PVM (known once started)."""
         return bool(self._vm is not None and self._vm.pvm)
 
+    @property
+    def notices(self) -> list[str]:
+        """One-line facts about this VM for whoever started it (known once started)."""
+        return list(getattr(self._vm, "notices", []))
+
     def _running_vm(self):
         """The built VM, for operations that need one that has not ended."""
         if self._vm is None:
