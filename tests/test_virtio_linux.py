@@ -154,9 +154,11 @@ def test_a_pattern_written_raw(vm):
 
 def zeros_read_back(vm, at: int, length: int) -> bool:
     """Whether the guest reads [at, at+length) of /dev/vdb as zeros (4 KiB aligned)."""
-    out = run_in_shell(vm, f"dd if=/dev/vdb bs=4096 skip={at // 4096} count={length // 4096} "
-                           "2>/dev/null | tr -d '\\0' | wc -c", timeout=SLOW)
-    return out.split() == ["0"]
+    # One process (od folds repeated lines into "*"), not a pipeline: on KVM PVM a
+    # guest process now and then dies of a stale TLS base, and each one is a chance.
+    out = run_in_shell(vm, f"od -An -tx1 -j {at} -N {length} /dev/vdb", timeout=SLOW)
+    words = out.split()
+    return "00" in words and set(words) <= {"00", "*"}
 
 
 def test_discard_and_write_zeroes_in_the_pattern(vm):
