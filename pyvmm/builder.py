@@ -38,6 +38,8 @@ from pyvmm.machine import Bus, Machine
 
 if TYPE_CHECKING:
     from pyvmm.console import ConsoleCapture
+    from pyvmm.kvm import Kvm
+    from pyvmm.snapshot import OpenedSnapshot, SnapshotResult
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.devices.virtio.mmio import VirtioMmio
 
@@ -64,9 +66,12 @@ class LinuxVm(Closeable):
     """Builds a Machine from a VmSpec and boots Linux on it (see the module docstring)."""
 
     def __init__(self, spec: VmSpec, console: "ConsoleCapture", *,
-                 pvm: bool | None = None) -> None:
+                 pvm: bool | None = None, restore: "OpenedSnapshot | None" = None,
+                 kvm: "Kvm | None" = None) -> None:
         """console receives the guest's serial output.  pvm: apply the KVM PVM
-        workarounds (None: when the host is KVM PVM)."""
+        workarounds (None: when the host is KVM PVM).  restore: a snapshot to
+        resume instead of booting (its memory becomes this VM's; spec is its
+        configuration); kvm: the /dev/kvm handle to use (the VM then owns it)."""
         spec.check_startable()
         assert spec.boot_source is not None
         devices = len(spec.virtio_devices())
@@ -78,10 +83,19 @@ class LinuxVm(Closeable):
         machine_config = spec.machine_config
         self._closed = False
         self.machine = Machine(machine_config.mem_size_mib * MiB, machine_config.vcpu_count,
-                               irqchip=True, strict=False)
+                               irqchip=True, strict=False, kvm=kvm,
+                               memory=restore.memory if restore else None,
+                               track_dirty_pages=machine_config.track_dirty_pages)
+        if kvm is not None:
+            self.machine._owns_kvm = True
         self.iothread = IoThread()
         self.virtio: dict[str, VirtioMmio] = {}
         self.started_at: float | None = None
+        self.restored = restore is not None
+        self.kernel: LoadedKernel | None = None
+        if restore is not None:
+            # The userfaultfd must outlive guest memory: KVM may fault on it until then.
+            self.machine.at_release(restore.close_uffd)
         try:
             self.pvm = self.machine.kvm.pvm if pvm is None else pvm
             self.cmdline = build_cmdline(spec, self.pvm)
@@ -90,8 +104,11 @@ class LinuxVm(Closeable):
             if self.pvm:
                 self.machine.exit_hooks.append(self.fixups)
             self._add_virtio_devices()
+            if restore is not None:
+                self._restore(restore)
+                return
             boot = spec.boot_source
-            self.kernel: LoadedKernel = load_linux(
+            self.kernel = load_linux(
                 self.machine.memory, Path(boot.kernel_image_path),
                 Path(boot.initrd_path) if boot.initrd_path else None, self.cmdline,
                 machine_config.vcpu_count)
@@ -100,6 +117,21 @@ class LinuxVm(Closeable):
         except BaseException:
             self.close()
             raise
+
+    def _restore(self, snapshot: "OpenedSnapshot") -> None:
+        """KVM's state, then the devices', from a snapshot (pyvmm.snapshot); a
+        StateError or SnapshotError if any of it is unusable (the VM is then closed)."""
+        from pyvmm.snapshot.format import SnapshotError
+        devices = snapshot.devices
+        virtio = devices.get("virtio")
+        if not isinstance(virtio, dict) or set(virtio) != set(self.virtio):
+            raise SnapshotError("the snapshot's virtio devices do not match its "
+                                "configuration: the state file is corrupt")
+        self.machine.restore_state(snapshot.machine_state, snapshot.clock_realtime)
+        self.uart.restore(devices.get("serial"))
+        self.i8042.restore(devices.get("i8042"))
+        for name, transport in self.virtio.items():
+            transport.restore(virtio[name])
 
     # -- devices -----------------------------------------------------------------
 
@@ -134,10 +166,17 @@ class LinuxVm(Closeable):
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Run the vCPUs; paused: they wait for resume() (a loaded snapshot)."""
         self.started_at = time.monotonic()
         self.iothread.start()
-        self.machine.start()
+        self.machine.start(paused=paused)
+
+    def snapshot(self, snapshot_path: str, mem_file_path: str,
+                 snapshot_type: str = "Full") -> "SnapshotResult":
+        """Save the paused VM (pyvmm.snapshot.create)."""
+        from pyvmm import snapshot
+        return snapshot.create(self, snapshot_path, mem_file_path, snapshot_type)
 
     def stop(self) -> None:
         self.machine.stop()
@@ -160,7 +199,8 @@ class LinuxVm(Closeable):
             if PANIC_MARKER in history:
                 hint = pvm_host.panic_hint(history) if self.pvm else ""
                 # An initramfs the kernel could not unpack: say which format it was.
-                hint = initrd_panic_hint(history, self.kernel.initrd_format) + hint
+                if self.kernel is not None:
+                    hint = initrd_panic_hint(history, self.kernel.initrd_format) + hint
                 return VmResult(1, f"the guest kernel panicked{hint}", outcome)
             return VmResult(0, "the guest rebooted", outcome)
         if outcome.kind == OutcomeKind.STOPPED:
@@ -192,7 +232,9 @@ class LinuxVm(Closeable):
     @property
     def notices(self) -> list[str]:
         """One-line facts a user starting this VM should see (a slow initrd on PVM)."""
-        return [self.kernel.initrd_notice] if self.kernel.initrd_notice else []
+        if self.kernel is None or not self.kernel.initrd_notice:
+            return []
+        return [self.kernel.initrd_notice]
 
     def boot_times(self) -> dict[str, float | None]:
         """Seconds from process start (exec) and from start() to the /init marker."""

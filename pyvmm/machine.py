@@ -26,8 +26,11 @@ from typing import Any, Callable, Protocol
 
 from pyvmm.closing import Closeable
 from pyvmm.errors import PyvmmError
+from pyvmm.devices.virtio.state import StateError, StateReader
 from pyvmm.kvm import Kvm, Outcome, OutcomeKind, VcpuFd, VmFd, ffi, lib
-from pyvmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
+from pyvmm.kvm.ioctl import ioctl_struct
+from pyvmm.kvm.state import VcpuState, VmState, kvmclock_ctrl, save_vcpu, save_vm
+from pyvmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PAGE_SIZE
 from pyvmm.memory import GuestMemory, x86_layout
 
 
@@ -102,14 +105,26 @@ class Machine(Closeable):
 
     def __init__(self, mem_size: int = 128 << 20, vcpus: int = 1, *, irqchip: bool = True,
                  strict: bool = False, layout: list[tuple[int, int]] | None = None,
-                 end_on_first_exit: bool = True, kvm: Kvm | None = None) -> None:
+                 end_on_first_exit: bool = True, kvm: Kvm | None = None,
+                 memory: GuestMemory | None = None, track_dirty_pages: bool = False) -> None:
+        """memory: guest RAM made by the caller (a snapshot's), which the machine then
+        owns; track_dirty_pages: KVM logs the pages the guest writes (Diff snapshots)."""
         self.kvm = kvm or Kvm()
         self._owns_kvm = kvm is None
         if not 1 <= vcpus <= self.kvm.max_vcpus:
             raise MachineError(f"cannot create {vcpus} vCPUs: this host allows 1 to "
                                f"{self.kvm.max_vcpus}")
-        self.vm = VmFd(self.kvm.create_vm())
-        self.memory = GuestMemory(layout or x86_layout(mem_size))
+        self.irqchip = irqchip
+        self.track_dirty_pages = track_dirty_pages
+        try:
+            self.vm = VmFd(self.kvm.create_vm())
+        except BaseException:
+            if memory is not None:
+                memory.close()
+            raise
+        self.memory = memory or GuestMemory(layout or x86_layout(mem_size))
+        if track_dirty_pages:
+            self.memory.device_dirty = set()
         self.vcpus: list[VcpuFd] = []
         self.bindings: dict[Bus, list[DeviceBinding]] = {Bus.PIO: [], Bus.MMIO: []}
         self.exit_hooks: list[ExitHook] = []
@@ -141,6 +156,7 @@ class Machine(Closeable):
         self._pausing = False
         self._parked = 0
         self._paused_clock: int | None = None
+        self._paused_realtime: int | None = None      # the host's wall clock then (ns)
         lib.pv_machine_init(self._native)
         self._native.strict = int(strict)
         try:
@@ -149,9 +165,10 @@ class Machine(Closeable):
                 self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDRESS)
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
+            slot_flags = lib.KVM_MEM_LOG_DIRTY_PAGES if track_dirty_pages else 0
             for region in self.memory.regions:
                 self.vm.set_user_memory_region(region.slot, region.gpa, region.size,
-                                               region.host_addr)
+                                               region.host_addr, slot_flags)
             for index in range(vcpus):
                 fd = self.vm.create_vcpu(index)
                 self.vcpus.append(VcpuFd(fd, index, self.kvm.vcpu_mmap_size, self._native,
@@ -197,13 +214,22 @@ class Machine(Closeable):
 
     # -- running ---------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start one thread per vCPU; returns at once.  Once only, and not after close()."""
+    def start(self, paused: bool = False) -> None:
+        """Start one thread per vCPU; returns at once.  Once only, and not after close().
+
+        paused: the vCPUs park before they first enter the guest, with kvmclock held
+        where it is (a restored snapshot's), until resume()."""
         with self._lock:
             if self._closed:
                 raise MachineError("the machine is closed")
             if self._threads:
                 raise MachineError("the machine is already running")
+            if paused:
+                with self._pause_lock:
+                    self._pausing = True
+                    self._paused_clock = self.vm.get_clock() if self.irqchip else None
+                for vcpu in self.vcpus:
+                    vcpu.kick()         # KVM_RUN returns at once: the thread parks
             for vcpu in self.vcpus:
                 thread = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
                                           name=f"vcpu{vcpu.index}", daemon=True)
@@ -325,6 +351,7 @@ class Machine(Closeable):
                 with self._lock:
                     if not self._closed:
                         self._paused_clock = self.vm.get_clock()
+                        self._paused_realtime = time.time_ns()
                         return
                 problem = "the machine is closed"
             self._pausing = False       # not paused after all: parked vCPUs run on
@@ -339,6 +366,8 @@ class Machine(Closeable):
             with self._lock:
                 if self._paused_clock is not None and not self._closed:
                     self.vm.set_clock(self._paused_clock)
+                    for vcpu in self.vcpus:
+                        kvmclock_ctrl(vcpu)     # the guest's watchdogs ignore the pause
                 self._paused_clock = None
             self._pausing = False
             self._pause_lock.notify_all()
@@ -372,6 +401,64 @@ class Machine(Closeable):
             outcome = self.wait()
         assert outcome is not None
         return outcome
+
+    # -- saved state (snapshots) --------------------------------------------------
+
+    def _check_stopped(self, what: str) -> None:
+        if self._threads and not (self._pausing and self._parked >= sum(
+                1 for t in self._threads if t.is_alive())):
+            raise MachineError(f"cannot {what} while the vCPUs run: pause first")
+
+    def save_state(self) -> dict[str, Any]:
+        """What KVM holds for this VM and its vCPUs (pyvmm.kvm.state); only while
+        paused or before start().  Guest RAM is not included."""
+        self._check_stopped("save the machine state")
+        clock = self._paused_clock if self._paused_clock is not None else (
+            self.vm.get_clock() if self.irqchip else 0)
+        msr_indices = self.kvm.msr_index_list()
+        return {"vm": save_vm(self.vm, clock, self._paused_realtime or time.time_ns())
+                if self.irqchip else None,
+                "vcpus": [save_vcpu(vcpu, self.kvm, msr_indices) for vcpu in self.vcpus]}
+
+    def restore_state(self, state: object, clock_realtime: bool = False) -> None:
+        """Apply what save_state() returned, before start(): everything is read and
+        checked first (StateError), then applied in the order KVM needs.
+        clock_realtime: see pyvmm.kvm.state.VmState.clock_now."""
+        if self._threads:
+            raise MachineError("restore the machine state before starting it")
+        saved = StateReader(state, "machine state")
+        vcpus = [VcpuState(v, f"vCPU {i} state")
+                 for i, v in enumerate(saved.items("vcpus", len(self.vcpus)))]
+        vm_state = saved.record("vm")
+        if (vm_state is None) == self.irqchip:
+            raise StateError("the saved machine state and this machine differ in having "
+                             "an in-kernel irqchip")
+        vm = VmState(vm_state) if vm_state is not None else None
+        if vm is not None:
+            vm.restore(self.vm, clock_realtime)
+        for vcpu, vcpu_state in zip(self.vcpus, vcpus):
+            vcpu_state.restore(vcpu, self.kvm)
+
+    def dirty_pages(self) -> list[bytearray]:
+        """Per region, a bitmap (bit n: page n) of the pages written since the last
+        call (or since the memory was mapped): KVM's dirty log, which it clears as it
+        answers, OR'ed with what our devices wrote.  Needs track_dirty_pages."""
+        if not self.track_dirty_pages:
+            raise MachineError("dirty pages are not tracked: enable track_dirty_pages")
+        bitmaps = []
+        for region in self.memory.regions:
+            pages = region.size // PAGE_SIZE
+            bitmap = bytearray(((pages + 63) // 64) * 8)
+            log_arg = ffi.new("struct kvm_dirty_log *")
+            log_arg.slot = region.slot
+            buf = ffi.from_buffer(bitmap)
+            log_arg.dirty_bitmap = buf
+            ioctl_struct(self.vm.fd, lib.KVM_GET_DIRTY_LOG, log_arg, "KVM_GET_DIRTY_LOG")
+            bitmaps.append(bitmap)
+        dirty, self.memory.device_dirty = self.memory.device_dirty or set(), set()
+        for slot, page in dirty:
+            bitmaps[slot][page // 8] |= 1 << (page % 8)
+        return bitmaps
 
     # -- observing -------------------------------------------------------------
 

@@ -54,25 +54,77 @@ def x86_layout(mem_size: int) -> list[tuple[int, int]]:
 
 
 class GuestMemory:
-    """All of a guest's RAM."""
+    """All of a guest's RAM.
 
-    def __init__(self, layout: list[tuple[int, int]], name: str = "pyvmm-guest") -> None:
+    Backends: a fresh memfd per region (shared, the default), or a snapshot's
+    memory file mapped private (`from_file`: pages come in from the file on first
+    touch, copy-on-write, and clones of one snapshot share the page cache), or
+    anonymous private memory that a userfaultfd handler fills (`anonymous`).
+    """
+
+    # How the regions are backed: "memfd", "file" (private) or "anonymous".
+    backend = "memfd"
+
+    def __init__(self, layout: list[tuple[int, int]], name: str = "pyvmm-guest", *,
+                 file: int | None = None, anonymous: bool = False) -> None:
+        """file: an fd whose bytes are the regions one after the other (a snapshot's
+        memory file), mapped MAP_PRIVATE; anonymous: MAP_PRIVATE|MAP_ANONYMOUS."""
         from pyvmm.kvm.ioctl import ffi   # the native build is only needed for host addresses
         self.regions: list[Region] = []
+        # Pages our own devices wrote (the KVM dirty log does not see them), by
+        # (slot, page); None when dirty pages are not tracked.
+        self.device_dirty: set[tuple[int, int]] | None = None
+        if file is not None:
+            self.backend = "file"
+        elif anonymous:
+            self.backend = "anonymous"
         try:
+            offset = 0
             for slot, (gpa, size) in enumerate(sorted(layout)):
                 if self.regions and gpa < self.regions[-1].end:
                     raise GuestMemoryError(f"memory regions overlap at {gpa:#x}")
-                memfd = os.memfd_create(f"{name}-{slot}", os.MFD_CLOEXEC)
-                os.ftruncate(memfd, size)
-                mm = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                prot = mmap.PROT_READ | mmap.PROT_WRITE
+                if file is not None:
+                    fd = os.dup(file)
+                    mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, prot, offset=offset)
+                elif anonymous:
+                    fd = -1
+                    mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot)
+                else:
+                    fd = os.memfd_create(f"{name}-{slot}", os.MFD_CLOEXEC)
+                    os.ftruncate(fd, size)
+                    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+                offset += size
                 keep = ffi.from_buffer(mm)
-                region = Region(gpa, size, slot, memfd, mm,
+                region = Region(gpa, size, slot, fd, mm,
                                 int(ffi.cast("uintptr_t", keep)), keep)
                 self.regions.append(region)
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_file(cls, layout: list[tuple[int, int]], fd: int) -> "GuestMemory":
+        """RAM whose contents are the file's (a snapshot's memory), mapped private."""
+        return cls(layout, file=fd)
+
+    @property
+    def layout(self) -> list[tuple[int, int]]:
+        return [(r.gpa, r.size) for r in self.regions]
+
+    # -- pages our devices write (for Diff snapshots) ----------------------------
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that a device wrote [gpa, gpa+length); a no-op unless tracking."""
+        dirty = self.device_dirty
+        if dirty is None or length <= 0:
+            return
+        for region in self.regions:
+            if region.gpa <= gpa < region.end:
+                first = (gpa - region.gpa) // PAGE_SIZE
+                last = (min(gpa + length, region.end) - 1 - region.gpa) // PAGE_SIZE
+                dirty.update((region.slot, page) for page in range(first, last + 1))
+                return
 
     @classmethod
     def x86(cls, mem_size: int) -> "GuestMemory":
@@ -149,5 +201,6 @@ class GuestMemory:
                 region.mm.close()
             except BufferError:
                 pass            # a view is still alive; the mapping goes with it
-            os.close(region.memfd)
+            if region.memfd >= 0:
+                os.close(region.memfd)
         self.regions = []

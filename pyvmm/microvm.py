@@ -37,6 +37,11 @@ DEFAULT_ID = "anonymous-instance"         # Firecracker's, without --id
 NOT_STARTED, RUNNING, PAUSED, EXITED = "Not started", "Running", "Paused", "Exited"
 BEFORE_START = "The requested operation is not supported before starting the microVM."
 AFTER_START = "The requested operation is not supported after starting the microVM."
+# Firecracker's LoadSnapshotError::LoadSnapshotNotAllowed, word for word.
+LOAD_NOT_ALLOWED = ("Loading a microVM snapshot not allowed after configuring boot-specific "
+                    "resources.")
+NOT_PAUSED = ("Cannot create a snapshot: the microVM is not paused; pause it first "
+              "(PATCH /vm {\"state\": \"Paused\"})")
 
 log = logging.getLogger("pyvmm.microvm")
 # Nothing is logged anywhere until PUT /logger (or a logger section) says where, as in
@@ -233,38 +238,117 @@ class MicroVM(Closeable):
     def start(self) -> None:
         """Build the VM from the spec and start its vCPUs (InstanceStart)."""
         with self._lock:
-            if self._closed:
-                raise MicroVMError("the microVM is closed")
-            if self._state != NOT_STARTED:
-                raise MicroVMError(AFTER_START)
+            self._check_not_started()
             self.spec.check_startable()
-            serial = self.spec.serial
-            self.capture.sink.close()
-            self.capture.sink = ConsoleSink(
-                f"file:{serial.serial_out_path}" if serial and serial.serial_out_path
-                else self.console,
-                limit=serial.serial_out_max_bytes if serial else DEFAULT_SERIAL_OUT_MAX_BYTES)
+            self._open_console()
             factory = self.vm_factory
             if factory is None:
                 from pyvmm.builder import LinuxVm as factory
-            vm = factory(self.spec, self.capture)
-            self._vm = vm
-            try:
-                vm.start()
-            except BaseException:
-                self._vm = None
-                vm.close()
-                raise
-            self._state = RUNNING
+            self._run(factory(self.spec, self.capture), paused=False)
             machine = self.spec.machine_config
             log.info("microVM %s started: %d vCPUs, %d MiB, kernel %s", self.vm_id,
                      machine.vcpu_count, machine.mem_size_mib,
                      self.spec.boot_source.kernel_image_path)
-            self._watcher = threading.Thread(target=self._watch, name="vm-watch", daemon=True)
-            self._watcher.start()
-            if self._metrics is not None:
-                self._metrics.start_periodic()
-            self._started.set()
+
+    def _check_not_started(self) -> None:
+        if self._closed:
+            raise MicroVMError("the microVM is closed")
+        if self._state != NOT_STARTED:
+            raise MicroVMError(AFTER_START)
+
+    def _open_console(self) -> None:
+        serial = self.spec.serial
+        self.capture.sink.close()
+        self.capture.sink = ConsoleSink(
+            f"file:{serial.serial_out_path}" if serial and serial.serial_out_path
+            else self.console,
+            limit=serial.serial_out_max_bytes if serial else DEFAULT_SERIAL_OUT_MAX_BYTES)
+
+    def _run(self, vm: Any, paused: bool) -> None:
+        """Start a built VM (booting, or a loaded snapshot) and watch it end."""
+        self._vm = vm
+        try:
+            vm.start(paused=True) if paused else vm.start()
+        except BaseException:
+            self._vm = None
+            vm.close()
+            raise
+        self._state = PAUSED if paused else RUNNING
+        self._watcher = threading.Thread(target=self._watch, name="vm-watch", daemon=True)
+        self._watcher.start()
+        if self._metrics is not None:
+            self._metrics.start_periodic()
+        self._started.set()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self, snapshot_path: str | os.PathLike, mem_file_path: str | os.PathLike,
+                 snapshot_type: str = "Full"):
+        """Save the paused microVM (PUT /snapshot/create): the state file and the memory
+        file; Diff needs track_dirty_pages.  Returns a pyvmm.snapshot.SnapshotResult."""
+        with self._lock:
+            vm = self._running_vm()
+            if self._state != PAUSED:
+                raise MicroVMError(NOT_PAUSED)
+            return vm.snapshot(os.fspath(snapshot_path), os.fspath(mem_file_path),
+                               snapshot_type)
+
+    def _boot_specific_configured(self) -> bool:
+        """Whether anything but the logger and metrics was configured (Firecracker's
+        rule for where a snapshot may be loaded)."""
+        from pyvmm.config import MachineConfig
+        spec = self.spec
+        return bool(spec.boot_source is not None or spec.drives or spec.network_interfaces
+                    or spec.entropy is not None or spec.vsock is not None
+                    or spec.machine_config != MachineConfig())
+
+    def load_snapshot(self, request) -> None:
+        """Restore a snapshot into this unconfigured microVM (PUT /snapshot/load): a
+        pyvmm.snapshot.LoadRequest.  It is Paused afterwards, or Running with resume_vm."""
+        from pyvmm.builder import LinuxVm
+        from pyvmm.kvm import Kvm
+        from pyvmm.snapshot import open_snapshot
+        with self._lock:
+            self._check_not_started()
+            if self._boot_specific_configured():
+                raise MicroVMError(LOAD_NOT_ALLOWED)
+            kvm = Kvm()
+            try:
+                opened = open_snapshot(request, kvm)
+            except BaseException:
+                kvm.close()
+                raise
+            try:
+                for name in ("logger", "metrics", "serial"):     # this process's own
+                    setattr(opened.spec, name, getattr(self.spec, name))
+                self.spec = opened.spec
+                self._open_console()
+                vm = LinuxVm(self.spec, self.capture, restore=opened, kvm=kvm)
+            except BaseException:
+                opened.close()
+                kvm.close()
+                raise
+            self._run(vm, paused=not request.resume_vm)
+            log.info("microVM %s restored from %s (%s)", self.vm_id, request.snapshot_path,
+                     self._state)
+
+    @classmethod
+    def restore(cls, snapshot_path: str | os.PathLike, mem_file_path: str | os.PathLike,
+                *, backend_type: str = "File", resume: bool = True,
+                track_dirty_pages: bool = False, network_overrides: dict | None = None,
+                **options: Any) -> "MicroVM":
+        """A microVM from a snapshot (options as for MicroVM()); mem_file_path is the
+        memory file, or with backend_type="Uffd" the page-fault handler's socket."""
+        from pyvmm.snapshot import LoadRequest
+        vm = cls.unconfigured(**options)
+        try:
+            vm.load_snapshot(LoadRequest(os.fspath(snapshot_path), os.fspath(mem_file_path),
+                                         backend_type, track_dirty_pages, resume,
+                                         dict(network_overrides or {})))
+        except BaseException:
+            vm.close()
+            raise
+        return vm
 
     def _watch(self) -> None:
         result = self._vm.wait()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import threading
+
+from pyvmm.devices.virtio.state import StateError, StateReader
 from typing import Callable
 
 from pyvmm.errors import PyvmmError
@@ -97,6 +99,33 @@ class I8042:
         self._kbd_enabled = True           # scanning on (KBD_ENABLE / KBD_RESET_DISABLE)
         self._queue: collections.deque[int] = collections.deque()
         self._line = 0
+
+    # -- saved state (snapshots) --------------------------------------------------
+
+    def save(self) -> dict:
+        with self._lock:
+            return {"ctr": self.ctr, "output_port": self.output_port, "status": self._status,
+                    "pending_command": self._pending_command,
+                    "kbd_pending_command": self._kbd_pending_command,
+                    "kbd_enabled": self._kbd_enabled, "queue": list(self._queue),
+                    "line": self._line}
+
+    def restore(self, state: object) -> None:
+        """Take what save() returned; StateError, with nothing applied, if unusable."""
+        saved = StateReader(state, "i8042 state")
+        values = [saved.number(key, 0xFF) for key in
+                  ("ctr", "output_port", "status", "pending_command", "kbd_pending_command")]
+        enabled, line = saved.flag("kbd_enabled"), saved.number("line", 1)
+        queue = saved.record("queue")
+        if type(queue) is not list or len(queue) > OUTPUT_QUEUE or \
+                any(type(b) is not int or not 0 <= b <= 0xFF for b in queue):
+            raise StateError(f"the saved i8042 state's queue is not a list of at most "
+                             f"{OUTPUT_QUEUE} bytes")
+        with self._lock:
+            (self.ctr, self.output_port, self._status, self._pending_command,
+             self._kbd_pending_command) = values
+            self._kbd_enabled, self._line = enabled, line
+            self._queue = collections.deque(queue)
 
     # -- host side -------------------------------------------------------------
 

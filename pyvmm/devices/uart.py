@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import threading
+
+from pyvmm.devices.virtio.state import StateReader, encode_bytes
 from typing import Callable
 
 UART_REGISTERS = 8              # where they sit: pyvmm.layout.COM1_PORT, COM1_IRQ
@@ -48,6 +50,31 @@ class Uart:
         self.thre_pending = False         # THRE interrupt latched until IIR is read
         self._line = 0
         self.tx_bytes = 0
+
+    # -- saved state (snapshots) --------------------------------------------------
+
+    REGISTERS = ("ier", "lcr", "mcr", "scr", "fcr", "divisor")
+
+    def save(self) -> dict:
+        with self._lock:
+            state = {name: getattr(self, name) for name in self.REGISTERS}
+            state.update(thre_pending=self.thre_pending, line=self._line,
+                         rx=encode_bytes(bytes(self.rx)))
+            return state
+
+    def restore(self, state: object) -> None:
+        """Take what save() returned; StateError, with nothing applied, if unusable.
+        The interrupt line is not driven: the restored irqchip already holds its level."""
+        saved = StateReader(state, "serial port state")
+        values = {name: saved.number(name, 0xFFFF if name == "divisor" else 0xFF)
+                  for name in self.REGISTERS}
+        thre, line = saved.flag("thre_pending"), saved.number("line", 1)
+        rx = saved.blob("rx", RX_FIFO_LIMIT)
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+            self.thre_pending, self._line = thre, line
+            self.rx = collections.deque(rx)
 
     # -- host side -------------------------------------------------------------
 

@@ -215,6 +215,8 @@ class Virtqueue:
             if flags & VIRTQ_DESC_F_WRITE:
                 if readable is None:
                     readable = len(views), total, seen - 1
+                if mem.device_dirty is not None:
+                    mem.mark_dirty(addr, length)      # for Diff snapshots
             elif readable is not None:
                 raise QueueError("a device-readable buffer follows a device-writable one")
             try:
@@ -245,6 +247,8 @@ class Virtqueue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order: the element is visible before the index.
         _U16.pack_into(self._used, 2, self.next_used)
+        if self.memory is not None and self.memory.device_dirty is not None:
+            self.memory.mark_dirty(self.used_addr, len(self._used))     # Diff snapshots
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what we just used (2.7.7, 2.7.10)."""

@@ -1,0 +1,190 @@
+"""Snapshot memory files: guest RAM's regions one after the other, page for page.
+
+A Full snapshot's file holds every page that is not zero (zero pages are left
+as holes: an idle 2 GiB guest takes the disk space of what it touched); a
+Diff snapshot's holds only the pages dirtied since the last snapshot, at their
+offsets, the rest are holes.  The state file of a Diff snapshot records which
+pages those are (a bitmap per region), and merge() uses that record, not the
+holes, so a file system without holes cannot turn a diff into zeroes.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from typing import Iterator
+
+from pyvmm.layout import PAGE_SIZE
+from pyvmm.memory import GuestMemory
+from pyvmm.snapshot.format import SnapshotError
+
+CHUNK = 2 << 20               # how much of a region is checked for zeroes at a time
+ZERO_CHUNK = bytes(CHUNK)
+
+
+def _create(path: str | os.PathLike, size: int) -> int:
+    """A new memory file of `size` bytes (holes), owner-only, never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+    except OSError as exc:
+        raise SnapshotError(f"cannot create the memory file {os.fspath(path)}: "
+                            f"{exc.strerror}") from None
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def _data_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets in a region that may hold non-zero bytes."""
+    region = memory.regions[index]
+    if memory.backend == "memfd":
+        # The memfd knows which of its pages were ever written: skip the holes.
+        offset = 0
+        while offset < region.size:
+            try:
+                start = os.lseek(region.memfd, offset, os.SEEK_DATA)
+            except OSError:
+                return                          # ENXIO: only holes from here on
+            end = min(os.lseek(region.memfd, start, os.SEEK_HOLE), region.size)
+            yield start, end
+            offset = end
+        return
+    view = memoryview(region.mm)
+    for start in range(0, region.size, CHUNK):
+        end = min(start + CHUNK, region.size)
+        if view[start:end] != ZERO_CHUNK[:end - start]:
+            yield start, end
+
+
+def write_full(memory: GuestMemory, path: str | os.PathLike) -> int:
+    """All of guest RAM into a new file; the bytes written (holes not counted)."""
+    fd = _create(path, memory.size)
+    written = 0
+    try:
+        file_offset = 0
+        for index, region in enumerate(memory.regions):
+            view = memoryview(region.mm)
+            for start, end in _data_extents(memory, index):
+                _pwrite_all(fd, view[start:end], file_offset + start)
+                written += end - start
+            file_offset += region.size
+    finally:
+        os.close(fd)
+    return written
+
+
+def page_runs(bitmap: bytes | bytearray, pages: int) -> Iterator[tuple[int, int]]:
+    """(first page, page count) of each run of set bits."""
+    run_start = None
+    for byte_index, byte in enumerate(bitmap):
+        if byte == 0 and run_start is None:
+            continue
+        if byte == 0xFF and run_start is not None:
+            continue
+        for bit in range(8):
+            page = byte_index * 8 + bit
+            if page >= pages:
+                break
+            if byte >> bit & 1:
+                if run_start is None:
+                    run_start = page
+            elif run_start is not None:
+                yield run_start, page - run_start
+                run_start = None
+    if run_start is not None:
+        yield run_start, pages - run_start
+
+
+def write_diff(memory: GuestMemory, path: str | os.PathLike,
+               bitmaps: list[bytearray]) -> int:
+    """The pages set in bitmaps (one per region) into a new sparse file; bytes written."""
+    fd = _create(path, memory.size)
+    written = 0
+    try:
+        file_offset = 0
+        for region, bitmap in zip(memory.regions, bitmaps):
+            view = memoryview(region.mm)
+            for first, count in page_runs(bitmap, region.size // PAGE_SIZE):
+                start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+                _pwrite_all(fd, view[start:end], file_offset + start)
+                written += end - start
+            file_offset += region.size
+    finally:
+        os.close(fd)
+    return written
+
+
+def encode_bitmaps(bitmaps: list[bytearray]) -> list[str]:
+    return [base64.b64encode(bytes(b)).decode("ascii") for b in bitmaps]
+
+
+def decode_bitmaps(encoded: object, layout: list[tuple[int, int]]) -> list[bytes]:
+    """A Diff state's dirty-page bitmaps, checked against its memory layout."""
+    if type(encoded) is not list or len(encoded) != len(layout):
+        raise SnapshotError(f"the snapshot's dirty-page record does not match its "
+                            f"{len(layout)} memory region(s)")
+    bitmaps = []
+    for text, (_, size) in zip(encoded, layout):
+        try:
+            bitmap = base64.b64decode(text, validate=True)
+        except (TypeError, ValueError):
+            raise SnapshotError("the snapshot's dirty-page record is not base64") from None
+        if len(bitmap) * 8 < size // PAGE_SIZE or len(bitmap) > size // PAGE_SIZE // 8 + 8:
+            raise SnapshotError("the snapshot's dirty-page record has the wrong size")
+        bitmaps.append(bitmap)
+    return bitmaps
+
+
+def open_memory_file(path: str | os.PathLike, size: int) -> int:
+    """The memory file, read-only, checked to be exactly `size` bytes."""
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotError(f"cannot open the memory file {name}: {exc.strerror}") from None
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        os.close(fd)
+        raise SnapshotError(f"the memory file {name} is {actual} bytes; the snapshot's "
+                            f"guest has {size}: pass the memory file taken with this "
+                            "snapshot")
+    return fd
+
+
+def merge(base_path: str | os.PathLike, diff_path: str | os.PathLike,
+          layout: list[tuple[int, int]], bitmaps: list[bytes]) -> int:
+    """Copy a Diff snapshot's pages onto its base memory file, in place; bytes copied."""
+    size = sum(s for _, s in layout)
+    diff = open_memory_file(diff_path, size)
+    try:
+        try:
+            base = os.open(base_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise SnapshotError(f"cannot open the base memory file {os.fspath(base_path)}: "
+                                f"{exc.strerror}") from None
+        try:
+            if os.fstat(base).st_size != size:
+                raise SnapshotError(f"the base memory file {os.fspath(base_path)} is "
+                                    f"{os.fstat(base).st_size} bytes; the diff's guest has "
+                                    f"{size}")
+            copied, file_offset = 0, 0
+            for (_, region_size), bitmap in zip(layout, bitmaps):
+                for first, count in page_runs(bitmap, region_size // PAGE_SIZE):
+                    start = file_offset + first * PAGE_SIZE
+                    end = start + count * PAGE_SIZE
+                    for offset in range(start, end, CHUNK):     # bounded memory
+                        data = os.pread(diff, min(CHUNK, end - offset), offset)
+                        _pwrite_all(base, memoryview(data), offset)
+                    copied += end - start
+                file_offset += region_size
+            os.fsync(base)
+            return copied
+        finally:
+            os.close(base)
+    finally:
+        os.close(diff)
