@@ -357,9 +357,9 @@ class UffdHandler:
                 elif event == UFFD_EVENT_REMOVE:       # [a, b) was madvise(DONTNEED)'d
                     # As Firecracker's example: stop handling the range, so that later
                     # faults there get zero pages from the kernel, not the snapshot.
-                    self.removes += 1
                     fcntl.ioctl(self._uffd, UFFDIO_UNREGISTER,
                                 UFFDIO_RANGE_STRUCT.pack(a, b - a))
+                    self.removes += 1
                 else:
                     log.warning("ignored an unexpected userfaultfd event %#x", event)
             if len(data) < UFFD_MSG_SIZE * EVENTS_PER_READ:
@@ -406,8 +406,8 @@ class UffdHandler:
                     raise VmmGone("the VMM's address space is gone") from None
                 raise HandlerError(f"UFFDIO_COPY of {length} bytes to {dst:#x} failed: "
                                    f"{exc.strerror}") from None
-            self.pages_copied += 1
             self.bytes_copied += copied
+            self.pages_copied += 1
             return True
         return True
 
