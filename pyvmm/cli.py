@@ -55,6 +55,10 @@ def _add_process_flags(parser: argparse.ArgumentParser, api_required: bool = Fal
                              "later output is dropped and counted")
 
 
+# The two files of a snapshot directory (`--restore DIR`, `pyvmm snapshot create DIR`).
+SNAPSHOT_STATE, SNAPSHOT_MEM = "vm.state", "vm.mem"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvmm", description="A microVM monitor on /dev/kvm.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,6 +82,26 @@ def _build_parser() -> argparse.ArgumentParser:
     vm_flags.add_argument("--bzimage", action="store_true",
                           help="with the built-in guest, boot its bzImage instead of the PVH "
                                "vmlinux")
+    restore = run.add_argument_group("or resume a snapshot instead of booting")
+    restore.add_argument("--restore", type=Path, metavar="DIR",
+                         help=f"the snapshot in DIR ({SNAPSHOT_STATE} and {SNAPSHOT_MEM}, as "
+                              "`pyvmm snapshot create` writes them)")
+    restore.add_argument("--snapshot", type=Path, metavar="FILE", help="the state file")
+    restore.add_argument("--snapshot-mem", type=Path, metavar="FILE", help="the memory file")
+    restore.add_argument("--uffd", type=Path, metavar="SOCKET",
+                         help="serve guest memory through the page-fault handler listening "
+                              "on SOCKET (Firecracker's Uffd backend) instead of the file")
+    restore.add_argument("--net-override", action="append", default=[], metavar="ID=TAP",
+                         help="restore network interface ID on TAP (repeatable)")
+    restore.add_argument("--disk-override", action="append", default=[], metavar="ID=PATH",
+                         help="restore drive ID on the image PATH, a copy of the snapshot's "
+                              "(repeatable)")
+    restore.add_argument("--paused", action="store_true",
+                         help="stay paused after loading (resume through the API)")
+    restore.add_argument("--clock-realtime", action="store_true",
+                         help="advance the guest's clock by the time since the snapshot")
+    restore.add_argument("--track-dirty-pages", action="store_true",
+                         help="track dirty pages, for Diff snapshots of the restored VM")
     run.add_argument("--config-file", type=Path,
                      help="a Firecracker config file (the JSON of GET /vm/config) instead of "
                           "the VM flags")
@@ -90,6 +114,26 @@ def _build_parser() -> argparse.ArgumentParser:
                                      "started through it")
     _add_process_flags(api, api_required=True)
     api.add_argument("--stats", action="store_true", help="print exit counters at exit")
+
+    snap = sub.add_parser("snapshot", help="take, inspect and merge snapshots")
+    snap_sub = snap.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser)
+    create = snap_sub.add_parser("create", help="snapshot a running pyvmm through its API "
+                                                "socket: pause, save, resume")
+    create.add_argument("--api-sock", type=Path, required=True, help="the VM's API socket")
+    create.add_argument("dir", type=Path, metavar="DIR",
+                        help=f"where to write {SNAPSHOT_STATE} and {SNAPSHOT_MEM}")
+    create.add_argument("--diff", action="store_true",
+                        help="a Diff snapshot: only the pages dirtied since the last one")
+    create.add_argument("--keep-paused", action="store_true",
+                        help="leave the VM paused afterwards")
+    info = snap_sub.add_parser("info", help="what a snapshot state file holds")
+    info.add_argument("file", type=Path, metavar="FILE",
+                      help=f"a state file, or a snapshot directory")
+    merge = snap_sub.add_parser("merge", help="apply a Diff snapshot's memory onto its base "
+                                              "memory file (in place)")
+    merge.add_argument("base_mem", type=Path, metavar="BASE_MEM")
+    merge.add_argument("diff_state", type=Path, metavar="DIFF_STATE")
+    merge.add_argument("diff_mem", type=Path, metavar="DIFF_MEM")
 
     guest = sub.add_parser("guest", help="the built-in guest kernel and initramfs")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
@@ -246,16 +290,112 @@ def _bind_api_socket(args: argparse.Namespace) -> None:
         args.http.bind()
 
 
+def load_request_from_args(args: argparse.Namespace):
+    """`pyvmm run --restore/--snapshot...` as a pyvmm.snapshot.LoadRequest, or None."""
+    from pyvmm.snapshot import FILE, UFFD, LoadRequest
+    wants = args.restore is not None or args.snapshot is not None
+    restore_only = {"snapshot_mem": "--snapshot-mem", "uffd": "--uffd",
+                    "net_override": "--net-override", "disk_override": "--disk-override",
+                    "paused": "--paused",
+                    "clock_realtime": "--clock-realtime",
+                    "track_dirty_pages": "--track-dirty-pages"}
+    if not wants:
+        given = [flag for name, flag in restore_only.items() if getattr(args, name)]
+        if given:
+            raise PyvmmError(f"{given[0]} needs --restore DIR or --snapshot FILE")
+        return None
+    given = [f"--{name.replace('_', '-')}" for name in VM_FLAGS + ("config_file",)
+             if getattr(args, name) not in (None, False, [])]
+    if given:
+        raise PyvmmError(f"{given[0]} cannot be combined with restoring a snapshot: the "
+                         "snapshot holds the whole VM")
+    if args.restore is not None and args.snapshot is not None:
+        raise PyvmmError("give --restore DIR or --snapshot FILE, not both")
+    if args.restore is not None:
+        state, mem = args.restore / SNAPSHOT_STATE, args.restore / SNAPSHOT_MEM
+    else:
+        state, mem = args.snapshot, args.snapshot_mem
+    if args.uffd is not None:
+        backend_type, backend_path = UFFD, args.uffd
+    elif mem is None:
+        raise PyvmmError("--snapshot needs --snapshot-mem FILE (or --uffd SOCKET)")
+    else:
+        backend_type, backend_path = FILE, mem
+    def pairs(flag: str, texts: list[str], what: str) -> dict[str, str]:
+        out = {}
+        for text in texts:
+            key, sep, value = text.partition("=")
+            if not sep or not key or not value:
+                raise PyvmmError(f"bad {flag} {text!r}: use ID={what}")
+            out[key] = value
+        return out
+    return LoadRequest(str(state), str(backend_path), backend_type, args.track_dirty_pages,
+                       not args.paused, pairs("--net-override", args.net_override, "TAP"),
+                       args.clock_realtime,
+                       pairs("--disk-override", args.disk_override, "PATH"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_api and args.api_sock is not None:
         raise PyvmmError("--no-api and --api-sock contradict each other: pick one")
+    request = load_request_from_args(args)
+    if request is not None and request.resume_vm is False and args.api_sock is None:
+        raise PyvmmError("--paused needs --api-sock: nothing could resume the VM otherwise")
     _bind_api_socket(args)
     try:
-        with _microvm(spec_from_args(args), args) as vm:
-            return _serve_vm(vm, args, start=True)
+        if request is None:
+            with _microvm(spec_from_args(args), args) as vm:
+                return _serve_vm(vm, args, start=True)
+        from pyvmm.config import VmSpec
+        with _microvm(VmSpec(), args) as vm:
+            vm.load_snapshot(request)
+            return _serve_vm(vm, args, start=False)
     finally:
         if args.http is not None:
             args.http.close()
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from pyvmm import snapshot
+    from pyvmm.snapshot.format import describe
+    if args.snapshot_command == "info":
+        path = args.file / SNAPSHOT_STATE if args.file.is_dir() else args.file
+        print(describe(path))
+        return 0
+    if args.snapshot_command == "merge":
+        copied = snapshot.merge(args.base_mem, args.diff_state, args.diff_mem)
+        print(f"merged {copied >> 10} KiB of dirty pages into {args.base_mem}; it now goes "
+              f"with {args.diff_state}")
+        return 0
+    return _create_through_api(args)
+
+
+def _create_through_api(args: argparse.Namespace) -> int:
+    from pyvmm.api.client import ApiClient
+    args.dir.mkdir(parents=True, exist_ok=True)
+    state, mem = (args.dir / SNAPSHOT_STATE).resolve(), (args.dir / SNAPSHOT_MEM).resolve()
+    try:
+        client = ApiClient(str(args.api_sock), timeout=600)
+        status, body = client.get("/")
+    except OSError as exc:
+        raise PyvmmError(f"cannot reach the API at {args.api_sock}: {exc.strerror or exc}") \
+            from None
+
+    def call(method: str, url: str, payload: dict) -> None:
+        status, body = client.request(method, url, payload)
+        if status >= 300:
+            raise PyvmmError(f"{method} {url}: {(body or {}).get('fault_message', status)}")
+    paused_before = body.get("state") == "Paused"
+    if not paused_before:
+        call("PATCH", "/vm", {"state": "Paused"})
+    try:
+        call("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem),
+                                         "snapshot_type": "Diff" if args.diff else "Full"})
+    finally:
+        if not paused_before and not args.keep_paused:
+            call("PATCH", "/vm", {"state": "Resumed"})
+    print(f"snapshot written: {state} and {mem}")
+    return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -290,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "api":
             return cmd_api(args)
+        if args.command == "snapshot":
+            return cmd_snapshot(args)
         return cmd_guest(args)
     except PyvmmError as exc:
         print(f"pyvmm: error: {exc}", file=sys.stderr)

@@ -418,7 +418,8 @@ class Machine(Closeable):
         msr_indices = self.kvm.msr_index_list()
         return {"vm": save_vm(self.vm, clock, self._paused_realtime or time.time_ns())
                 if self.irqchip else None,
-                "vcpus": [save_vcpu(vcpu, self.kvm, msr_indices) for vcpu in self.vcpus]}
+                "vcpus": [save_vcpu(vcpu, self.kvm, msr_indices, self.irqchip)
+                          for vcpu in self.vcpus]}
 
     def restore_state(self, state: object, clock_realtime: bool = False) -> None:
         """Apply what save_state() returned, before start(): everything is read and
@@ -429,6 +430,8 @@ class Machine(Closeable):
         saved = StateReader(state, "machine state")
         vcpus = [VcpuState(v, f"vCPU {i} state")
                  for i, v in enumerate(saved.items("vcpus", len(self.vcpus)))]
+        if any((v.lapic is not None) != self.irqchip for v in vcpus):
+            raise StateError("the saved vCPUs and this machine differ in having a LAPIC")
         vm_state = saved.record("vm")
         if (vm_state is None) == self.irqchip:
             raise StateError("the saved machine state and this machine differ in having "

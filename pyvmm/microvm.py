@@ -91,7 +91,7 @@ class MicroVM(Closeable):
                  drives: list = (), nets: list = (), rng: bool = False,  # type: ignore
                  serial_out_path: str | os.PathLike | None = None,
                  console: str = "none", vm_id: str = DEFAULT_ID,
-                 spec: VmSpec | None = None) -> None:
+                 track_dirty_pages: bool = False, spec: VmSpec | None = None) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH."""
@@ -107,6 +107,7 @@ class MicroVM(Closeable):
                                 boot_args=boot_args, vcpus=vcpus, mem_mib=mem_mib,
                                 drives=drives, nets=nets, rng=rng,
                                 serial_out_path=serial_out_path)
+            spec.machine_config.track_dirty_pages = track_dirty_pages
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vm_id):
             raise MicroVMError(f"instance id {vm_id!r} is invalid: use 1 to 64 letters, digits "
                                "or dashes")
@@ -336,15 +337,19 @@ class MicroVM(Closeable):
     def restore(cls, snapshot_path: str | os.PathLike, mem_file_path: str | os.PathLike,
                 *, backend_type: str = "File", resume: bool = True,
                 track_dirty_pages: bool = False, network_overrides: dict | None = None,
+                drive_overrides: dict | None = None, clock_realtime: bool = False,
                 **options: Any) -> "MicroVM":
         """A microVM from a snapshot (options as for MicroVM()); mem_file_path is the
-        memory file, or with backend_type="Uffd" the page-fault handler's socket."""
+        memory file, or with backend_type="Uffd" the page-fault handler's socket.
+        network_overrides: iface_id -> TAP; drive_overrides: drive_id -> image (a copy
+        of the snapshot's); clock_realtime: the guest's clock jumps to the present."""
         from pyvmm.snapshot import LoadRequest
         vm = cls.unconfigured(**options)
         try:
-            vm.load_snapshot(LoadRequest(os.fspath(snapshot_path), os.fspath(mem_file_path),
-                                         backend_type, track_dirty_pages, resume,
-                                         dict(network_overrides or {})))
+            vm.load_snapshot(LoadRequest(
+                os.fspath(snapshot_path), os.fspath(mem_file_path), backend_type,
+                track_dirty_pages, resume, dict(network_overrides or {}), clock_realtime,
+                {k: os.fspath(v) for k, v in (drive_overrides or {}).items()}))
         except BaseException:
             vm.close()
             raise

@@ -282,8 +282,7 @@ def test_instance_start_errors(api, api_files):
 
 
 def test_unsupported_and_unknown_routes(api):
-    for method, url in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load"),
-                        ("PUT", "/balloon"), ("GET", "/balloon/statistics"),
+    for method, url in [("PUT", "/balloon"), ("GET", "/balloon/statistics"),
                         ("PUT", "/mmds"), ("PUT", "/mmds/config"), ("PUT", "/cpu-config"),
                         ("PUT", "/pmem/p0"), ("PUT", "/hotplug/memory")]:
         _, fault = api.call(method, url, {"x": 1}, 400)
@@ -317,13 +316,14 @@ FIELD_NAMES = ["kernel_image_path", "boot_args", "initrd_path", "vcpu_count", "m
                "smt", "track_dirty_pages", "huge_pages", "drive_id", "path_on_host",
                "is_root_device", "is_read_only", "iface_id", "host_dev_name", "guest_mac",
                "guest_cid", "uds_path", "action_type", "state", "metrics_path", "log_path",
-               "level", "serial_out_path", "rate_limiter"]
+               "level", "serial_out_path", "rate_limiter", "snapshot_path", "mem_file_path",
+               "snapshot_type", "mem_backend", "resume_vm", "network_overrides"]
 typed_objects = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
 ROUTES = [("PUT", "/boot-source"), ("PUT", "/machine-config"), ("PATCH", "/machine-config"),
           ("PUT", "/drives/d0"), ("PATCH", "/drives/d0"), ("PUT", "/network-interfaces/eth0"),
           ("PUT", "/entropy"), ("PUT", "/vsock"), ("PUT", "/actions"), ("PATCH", "/vm"),
           ("PUT", "/logger"), ("PUT", "/metrics"), ("PUT", "/serial"),
-          ("PUT", "/snapshot/create")]
+          ("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

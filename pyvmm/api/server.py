@@ -36,7 +36,6 @@ NOT_SUPPORTED_ROUTES = [
     (re.compile(r"/pmem/[^/]*"), "virtio-pmem devices"),
     (re.compile(r"/mmds(/config)?"), "the microVM metadata service (MMDS)"),
     (re.compile(r"/hotplug/memory"), "memory hot-plug"),
-    (re.compile(r"/snapshot/(create|load)"), "snapshots"),
 ]
 
 
@@ -105,6 +104,8 @@ class ApiController:
             R(r"/logger", PUT=self.put_logger),
             R(r"/metrics", PUT=self.put_metrics),
             R(r"/serial", PUT=self.put_serial),
+            R(r"/snapshot/create", PUT=self.put_snapshot_create),
+            R(r"/snapshot/load", PUT=self.put_snapshot_load),
         ]
 
     @staticmethod
@@ -250,6 +251,19 @@ class ApiController:
             self.vm.pause()
         else:
             self.vm.resume()
+
+    def put_snapshot_create(self, body: Any) -> None:
+        from pyvmm.snapshot import parse_create
+        if self.vm.state == "Not started":
+            raise ApiError(BEFORE_START)
+        self.vm.snapshot(*parse_create(body))
+
+    def put_snapshot_load(self, body: Any) -> None:
+        from pyvmm.microvm import AFTER_START
+        from pyvmm.snapshot import LoadRequest
+        if self.vm.state != "Not started":
+            raise ApiError(AFTER_START)
+        self.vm.load_snapshot(LoadRequest.from_json(body))
 
     def get_vm_config(self) -> dict:
         return self.vm.spec.to_json()

@@ -97,15 +97,18 @@ def save_msrs(vcpu: VcpuFd, indices: list[int]) -> dict[int, int]:
     return values
 
 
-def save_vcpu(vcpu: VcpuFd, kvm: Kvm, msr_indices: list[int]) -> dict[str, Any]:
-    """One vCPU's whole KVM state (it must not be running)."""
+def save_vcpu(vcpu: VcpuFd, kvm: Kvm, msr_indices: list[int],
+              irqchip: bool = True) -> dict[str, Any]:
+    """One vCPU's whole KVM state (it must not be running); without an in-kernel
+    irqchip there is no LAPIC to save."""
     fd = vcpu.fd
     state: dict[str, Any] = {"index": vcpu.index, "cpuid": vcpu.get_cpuid(MAX_CPUID_ENTRIES)}
     mp = ffi.new("struct kvm_mp_state *")
     ioctl_struct(fd, lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
     state["mp_state"] = mp.mp_state
-    for key in ("regs", "sregs", "debugregs", "lapic", "vcpu_events"):
+    for key in ("regs", "sregs", "debugregs", "vcpu_events"):
         state[key] = encode_bytes(_get_blob(fd, key))
+    state["lapic"] = encode_bytes(_get_blob(fd, "lapic")) if irqchip else None
     size = xsave_size(kvm)
     if size:
         xsave = ffi.new("char[]", size)
@@ -141,7 +144,9 @@ class VcpuState:
                       _list(saved, "cpuid", MAX_CPUID_ENTRIES)]
         self.mp_state = saved.number("mp_state", U32_MAX)
         self.blobs = {key: _blob(saved, key, VCPU_BLOBS[key][0])
-                      for key in ("regs", "sregs", "debugregs", "lapic", "vcpu_events")}
+                      for key in ("regs", "sregs", "debugregs", "vcpu_events")}
+        lapic = saved.record("lapic")
+        self.lapic = None if lapic is None else _blob(saved, "lapic", "struct kvm_lapic_state")
         self.xsave = saved.optional_blob("xsave", MAX_XSAVE_SIZE)
         fpu = saved.record("fpu")
         self.fpu = None if fpu is None else _blob(saved, "fpu", "struct kvm_fpu")
@@ -189,7 +194,8 @@ class VcpuState:
         if self.xcrs is not None:
             _set_blob(fd, "xcrs", self.xcrs)
         _set_blob(fd, "debugregs", self.blobs["debugregs"])
-        _set_blob(fd, "lapic", self.blobs["lapic"])
+        if self.lapic is not None:
+            _set_blob(fd, "lapic", self.lapic)
         self._restore_msrs(vcpu)
         _set_blob(fd, "vcpu_events", self.blobs["vcpu_events"])
 
@@ -209,7 +215,9 @@ class VcpuState:
                 from None
 
     def _timer_in_deadline_mode(self) -> bool:
-        lvtt = int.from_bytes(self.blobs["lapic"][APIC_LVTT:APIC_LVTT + 4], "little")
+        if self.lapic is None:
+            return False
+        lvtt = int.from_bytes(self.lapic[APIC_LVTT:APIC_LVTT + 4], "little")
         return lvtt & LVTT_MODE_MASK == LVTT_MODE_TSC_DEADLINE and not lvtt & LVT_MASKED
 
 

@@ -124,6 +124,97 @@ class LoadRequest:
     resume_vm: bool = False
     network_overrides: dict[str, str] = field(default_factory=dict)   # iface_id -> TAP
     clock_realtime: bool = False        # advance kvmclock by the time since the pause
+    # A pyvmm extension (Python and CLI, not the API): drive_id -> the image this VM
+    # uses instead of the snapshot's, e.g. a clone's own copy.  It must hold what the
+    # snapshot's image held when the snapshot was taken.
+    drive_overrides: dict[str, str] = field(default_factory=dict)
+
+
+    FIELDS = ("snapshot_path", "mem_file_path", "mem_backend", "enable_diff_snapshots",
+              "track_dirty_pages", "resume_vm", "network_overrides", "vsock_override",
+              "clock_realtime", "huge_pages")
+
+    @classmethod
+    def from_json(cls, body: Any, where: str = "PUT /snapshot/load") -> "LoadRequest":
+        """Firecracker's SnapshotLoadParams: exactly one of mem_backend and the deprecated
+        mem_file_path; enable_diff_snapshots is the deprecated track_dirty_pages."""
+        if not isinstance(body, dict):
+            raise SnapshotError(f"{where}: the body must be a JSON object")
+        unknown = sorted(set(body) - set(cls.FIELDS))
+        if unknown:
+            raise SnapshotError(f"{where}: unknown field {unknown[0][:40]!r}")
+        path = _text(body, "snapshot_path", where, required=True)
+        has_file, has_backend = "mem_file_path" in body, "mem_backend" in body
+        if has_file == has_backend:
+            raise SnapshotError(f"{where}: give exactly one of mem_backend and mem_file_path")
+        if has_backend:
+            backend = body["mem_backend"]
+            if not isinstance(backend, dict) or set(backend) - {"backend_type", "backend_path"}:
+                raise SnapshotError(f"{where}: mem_backend must be {{\"backend_type\": "
+                                    "\"File\"|\"Uffd\", \"backend_path\": PATH}")
+            backend_type = _text(backend, "backend_type", f"{where}: mem_backend",
+                                 required=True)
+            if backend_type not in (FILE, UFFD):
+                raise SnapshotError(f"{where}: mem_backend backend_type "
+                                    f"{backend_type[:20]!r} is invalid: use File or Uffd")
+            backend_path = _text(backend, "backend_path", f"{where}: mem_backend",
+                                 required=True)
+        else:
+            backend_type, backend_path = FILE, _text(body, "mem_file_path", where, True)
+        flags = {name: _flag(body, name, where) for name in
+                 ("enable_diff_snapshots", "track_dirty_pages", "resume_vm", "clock_realtime")}
+        if body.get("vsock_override") is not None:
+            raise SnapshotError(f"{where}: vsock_override: vsock devices are not supported "
+                                "yet by pyvmm")
+        if body.get("huge_pages") not in (None, "Snapshot", "None"):
+            raise SnapshotError(f"{where}: huge_pages {str(body['huge_pages'])[:20]!r} is not "
+                                "supported yet by pyvmm: use Snapshot or None")
+        overrides: dict[str, str] = {}
+        items = body.get("network_overrides") or []
+        if not isinstance(items, list):
+            raise SnapshotError(f"{where}: network_overrides must be an array")
+        for index, item in enumerate(items):
+            at = f"{where}: network_overrides[{index}]"
+            if not isinstance(item, dict) or set(item) != {"iface_id", "host_dev_name"}:
+                raise SnapshotError(f"{at} must be {{\"iface_id\": ..., "
+                                    "\"host_dev_name\": ...}")
+            iface, tap = _text(item, "iface_id", at, True), _text(item, "host_dev_name", at, True)
+            if iface in overrides:
+                raise SnapshotError(f"{at}: interface {iface[:40]!r} is overridden twice")
+            overrides[iface] = tap
+        return cls(path, backend_path, backend_type,
+                   flags["track_dirty_pages"] or flags["enable_diff_snapshots"],
+                   flags["resume_vm"], overrides, flags["clock_realtime"])
+
+
+def parse_create(body: Any, where: str = "PUT /snapshot/create") -> tuple[str, str, str]:
+    """Firecracker's SnapshotCreateParams: (snapshot_path, mem_file_path, snapshot_type)."""
+    if not isinstance(body, dict):
+        raise SnapshotError(f"{where}: the body must be a JSON object")
+    unknown = sorted(set(body) - {"snapshot_path", "mem_file_path", "snapshot_type"})
+    if unknown:
+        raise SnapshotError(f"{where}: unknown field {unknown[0][:40]!r}")
+    kind = body.get("snapshot_type", FULL)
+    if kind not in (FULL, DIFF):
+        raise SnapshotError(f"{where}: snapshot_type {str(kind)[:20]!r} is invalid: use Full "
+                            "or Diff")
+    return (_text(body, "snapshot_path", where, True), _text(body, "mem_file_path", where, True),
+            kind)
+
+
+def _text(body: dict, name: str, where: str, required: bool = False) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise SnapshotError(f"{where}: {name} must be a non-empty path" if required or
+                            value is not None else f"{where}: {name} is invalid")
+    return value
+
+
+def _flag(body: dict, name: str, where: str) -> bool:
+    value = body.get(name, False)
+    if type(value) is not bool:
+        raise SnapshotError(f"{where}: {name} must be true or false")
+    return value
 
 
 @dataclass
@@ -154,8 +245,9 @@ class OpenedSnapshot:
 
     def close_uffd(self) -> None:
         if self.uffd is not None:
-            os.close(self.uffd)
-            self.uffd = None
+            from pyvmm.snapshot.uffd import close_uffd_backend
+            uffd, self.uffd = self.uffd, None
+            close_uffd_backend(uffd)        # the handler sees the hang-up and exits
 
 
 def open_snapshot(request: LoadRequest, kvm: "Kvm") -> OpenedSnapshot:
@@ -216,6 +308,12 @@ def _spec(body: dict[str, Any], request: LoadRequest) -> VmSpec:
                                 f"{iface_id!r} (it has: "
                                 f"{', '.join(spec.network_interfaces) or 'none'})")
         iface.host_dev_name = tap
+    for drive_id, path in request.drive_overrides.items():
+        drive = spec.drives.get(drive_id)
+        if drive is None:
+            raise SnapshotError(f"drive override: the snapshot has no drive {drive_id!r} (it "
+                                f"has: {', '.join(spec.drives) or 'none'})")
+        drive.path_on_host = path
     spec.machine_config.track_dirty_pages = request.track_dirty_pages
     return spec
 
@@ -253,4 +351,5 @@ def merge(base_mem_path: str | os.PathLike, diff_snapshot_path: str | os.PathLik
 
 
 __all__ = ["DIFF", "FILE", "FULL", "LoadRequest", "OpenedSnapshot", "SnapshotError",
-           "SnapshotResult", "UFFD", "create", "host_identity", "merge", "open_snapshot"]
+           "SnapshotResult", "UFFD", "create", "host_identity", "merge", "open_snapshot",
+           "parse_create"]

@@ -49,6 +49,16 @@ class MicrovmFactory:
         self.boot_seconds[vm] = time.monotonic() - started
         return vm
 
+    def restore(self, state_path: Any, mem_path: Any, *, netns: NetNamespace | None = None,
+                **load: Any) -> MicroVM:
+        """A MicroVM restored from a snapshot (MicroVM.restore's keyword arguments),
+        running, its console answering.  netns: where its TAP devices are."""
+        with netns.entered() if netns is not None else contextlib.nullcontext():
+            vm = self._track(MicroVM.restore(state_path, mem_path, **load))
+        if load.get("resume", True):
+            run_in_shell(vm, "true")
+        return vm
+
     def _track(self, vm: MicroVM) -> MicroVM:
         self.vms.append(vm)
         return vm
