@@ -10,7 +10,9 @@ holes, so a file system without holes cannot turn a diff into zeroes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+from pathlib import Path
 from typing import Iterator
 
 from pyvmm.layout import PAGE_SIZE
@@ -21,16 +23,29 @@ CHUNK = 2 << 20               # how much of a region is checked for zeroes at a 
 ZERO_CHUNK = bytes(CHUNK)
 
 
-def _create(path: str | os.PathLike, size: int) -> int:
-    """A new memory file of `size` bytes (holes), owner-only, never through a symlink."""
+@contextlib.contextmanager
+def _new_file(path: str | os.PathLike, size: int) -> Iterator[int]:
+    """A new memory file of `size` bytes (holes), owner-only, written under a temporary
+    name and renamed over `path` once complete.  The rename matters: the file at
+    `path` may be the very one this VM's memory is mapped from (a restored VM
+    snapshotted again); truncating it would pull pages from under the mapping."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
     except OSError as exc:
         raise SnapshotError(f"cannot create the memory file {os.fspath(path)}: "
                             f"{exc.strerror}") from None
-    os.ftruncate(fd, size)
-    return fd
+    try:
+        os.ftruncate(fd, size)
+        yield fd
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -63,9 +78,8 @@ def _data_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
 
 def write_full(memory: GuestMemory, path: str | os.PathLike) -> int:
     """All of guest RAM into a new file; the bytes written (holes not counted)."""
-    fd = _create(path, memory.size)
     written = 0
-    try:
+    with _new_file(path, memory.size) as fd:
         file_offset = 0
         for index, region in enumerate(memory.regions):
             view = memoryview(region.mm)
@@ -73,8 +87,6 @@ def write_full(memory: GuestMemory, path: str | os.PathLike) -> int:
                 _pwrite_all(fd, view[start:end], file_offset + start)
                 written += end - start
             file_offset += region.size
-    finally:
-        os.close(fd)
     return written
 
 
@@ -103,9 +115,8 @@ def page_runs(bitmap: bytes | bytearray, pages: int) -> Iterator[tuple[int, int]
 def write_diff(memory: GuestMemory, path: str | os.PathLike,
                bitmaps: list[bytearray]) -> int:
     """The pages set in bitmaps (one per region) into a new sparse file; bytes written."""
-    fd = _create(path, memory.size)
     written = 0
-    try:
+    with _new_file(path, memory.size) as fd:
         file_offset = 0
         for region, bitmap in zip(memory.regions, bitmaps):
             view = memoryview(region.mm)
@@ -114,8 +125,6 @@ def write_diff(memory: GuestMemory, path: str | os.PathLike,
                 _pwrite_all(fd, view[start:end], file_offset + start)
                 written += end - start
             file_offset += region.size
-    finally:
-        os.close(fd)
     return written
 
 
