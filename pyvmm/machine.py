@@ -157,6 +157,7 @@ class Machine(Closeable):
         self._parked = 0
         self._paused_clock: int | None = None
         self._paused_realtime: int | None = None      # the host's wall clock then (ns)
+        self._restored_realtime: int | None = None    # ... as restore_state() found it
         lib.pv_machine_init(self._native)
         self._native.strict = int(strict)
         try:
@@ -228,6 +229,8 @@ class Machine(Closeable):
                 with self._pause_lock:
                     self._pausing = True
                     self._paused_clock = self.vm.get_clock() if self.irqchip else None
+                    # The guest's time stands where the restored state left it.
+                    self._paused_realtime = self._restored_realtime or time.time_ns()
                 for vcpu in self.vcpus:
                     vcpu.kick()         # KVM_RUN returns at once: the thread parks
             for vcpu in self.vcpus:
@@ -237,6 +240,11 @@ class Machine(Closeable):
                 self._running.add(vcpu.index)
             for thread in self._threads:
                 thread.start()
+        if paused:
+            # Paused means parked: a snapshot may be taken as soon as this returns.
+            with self._pause_lock:
+                self._pause_lock.wait_for(lambda: self._parked >= len(self._threads) or
+                                          self._done.is_set(), timeout=10)
 
     def _vcpu_thread(self, vcpu: VcpuFd) -> None:
         try:
@@ -439,6 +447,7 @@ class Machine(Closeable):
         vm = VmState(vm_state) if vm_state is not None else None
         if vm is not None:
             vm.restore(self.vm, clock_realtime)
+            self._restored_realtime = None if clock_realtime else vm.realtime_ns
         for vcpu, vcpu_state in zip(self.vcpus, vcpus):
             vcpu_state.restore(vcpu, self.kvm)
 
