@@ -438,6 +438,10 @@ class Machine(Closeable):
         saved = StateReader(state, "machine state")
         vcpus = [VcpuState(v, f"vCPU {i} state")
                  for i, v in enumerate(saved.items("vcpus", len(self.vcpus)))]
+        for position, vcpu_state in enumerate(vcpus):
+            if vcpu_state.index != position:
+                raise StateError(f"the saved vCPU {position} says it is vCPU "
+                                 f"{vcpu_state.index}: the state file is corrupt")
         if any((v.lapic is not None) != self.irqchip for v in vcpus):
             raise StateError("the saved vCPUs and this machine differ in having a LAPIC")
         vm_state = saved.record("vm")

@@ -131,6 +131,9 @@ class MicroVM(Closeable):
         self._metrics = None                 # pyvmm.telemetry.MetricsWriter
         self._log_handler: logging.Handler | None = None
         self._closed = False
+        # Firecracker's boot_path: set by any configuration but the process's own
+        # (logger, metrics, serial), whatever its values, even if it is refused.
+        self._boot_path = False
         try:
             if spec.logger is not None:
                 self._apply_logger(spec.logger)
@@ -204,6 +207,8 @@ class MicroVM(Closeable):
                 raise MicroVMError("the microVM is closed")
             if self._state != NOT_STARTED:
                 raise MicroVMError(AFTER_START)
+            if section not in ("logger", "metrics", "serial"):
+                self._boot_path = True
             if callable(value):
                 value = value()
             if section == "logger":
@@ -299,9 +304,9 @@ class MicroVM(Closeable):
         rule for where a snapshot may be loaded)."""
         from pyvmm.config import MachineConfig
         spec = self.spec
-        return bool(spec.boot_source is not None or spec.drives or spec.network_interfaces
-                    or spec.entropy is not None or spec.vsock is not None
-                    or spec.machine_config != MachineConfig())
+        return bool(self._boot_path or spec.boot_source is not None or spec.drives
+                    or spec.network_interfaces or spec.entropy is not None
+                    or spec.vsock is not None or spec.machine_config != MachineConfig())
 
     def load_snapshot(self, request) -> None:
         """Restore a snapshot into this unconfigured microVM (PUT /snapshot/load): a
@@ -319,17 +324,19 @@ class MicroVM(Closeable):
             except BaseException:
                 kvm.close()
                 raise
+            previous = self.spec
             try:
                 for name in ("logger", "metrics", "serial"):     # this process's own
                     setattr(opened.spec, name, getattr(self.spec, name))
                 self.spec = opened.spec
                 self._open_console()
                 vm = LinuxVm(self.spec, self.capture, restore=opened, kvm=kvm)
+                self._run(vm, paused=not request.resume_vm)
             except BaseException:
+                self.spec = previous        # unconfigured still: a load may be tried again
                 opened.close()
                 kvm.close()
                 raise
-            self._run(vm, paused=not request.resume_vm)
             log.info("microVM %s restored from %s (%s)", self.vm_id, request.snapshot_path,
                      self._state)
 

@@ -166,11 +166,15 @@ class LoadRequest:
         if body.get("vsock_override") is not None:
             raise SnapshotError(f"{where}: vsock_override: vsock devices are not supported "
                                 "yet by pyvmm")
-        if body.get("huge_pages") not in (None, "Snapshot", "None"):
-            raise SnapshotError(f"{where}: huge_pages {str(body['huge_pages'])[:20]!r} is not "
-                                "supported yet by pyvmm: use Snapshot or None")
+        if "huge_pages" in body:
+            huge_pages = body["huge_pages"]
+            if not isinstance(huge_pages, str):
+                raise SnapshotError(f"{where}: huge_pages must be \"Snapshot\" or \"None\"")
+            if huge_pages not in ("Snapshot", "None"):
+                raise SnapshotError(f"{where}: huge_pages {huge_pages[:20]!r} is not supported "
+                                    "yet by pyvmm: use Snapshot or None")
         overrides: dict[str, str] = {}
-        items = body.get("network_overrides") or []
+        items = body.get("network_overrides", [])
         if not isinstance(items, list):
             raise SnapshotError(f"{where}: network_overrides must be an array")
         for index, item in enumerate(items):
@@ -256,8 +260,9 @@ def open_snapshot(request: LoadRequest, kvm: "Kvm") -> OpenedSnapshot:
     here = host_identity(kvm)
     saved_host = body.get("host")
     if not isinstance(saved_host, dict) or saved_host.get("kvm") != here["kvm"]:
-        theirs = saved_host.get("kvm") if isinstance(saved_host, dict) else "an unknown"
-        raise SnapshotError(f"the snapshot was taken on a {theirs} KVM host and this is a "
+        kind = saved_host.get("kvm") if isinstance(saved_host, dict) else None
+        theirs = f"a {kind[:20]}" if isinstance(kind, str) and kind else "an unknown"
+        raise SnapshotError(f"the snapshot was taken on {theirs} KVM host and this is a "
                             f"{here['kvm']} KVM host: their CPU and MSR state differ; "
                             "load it on the kind of host it was taken on")
     if saved_host.get("cpu_vendor") != here["cpu_vendor"]:
