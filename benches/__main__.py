@@ -20,9 +20,10 @@ BENCHMARKS: dict[str, str] = {
     "blk-model": "benches.blk_model",
     "blk": "benches.blk",
     "net": "benches.net",
+    "snapshot": "benches.snapshot",
 }
 # Benchmarks that boot Linux (minutes each on KVM PVM); --quick skips them.
-SLOW = {"boot", "blk", "net"}
+SLOW = {"boot", "blk", "net", "snapshot"}
 
 
 def load(name: str) -> ModuleType:
