@@ -170,8 +170,11 @@ class VcpuState:
         ffi.memmove(regs, self.blobs["regs"], len(self.blobs["regs"]))
         return regs.rip
 
-    def restore(self, vcpu: VcpuFd, kvm: Kvm) -> None:
-        """Apply it to a fresh vCPU, in the order KVM needs (the module docstring)."""
+    def restore(self, vcpu: VcpuFd, kvm: Kvm, advance_ns: int = 0,
+                msr_overrides: dict[int, int] | None = None) -> None:
+        """Apply it to a fresh vCPU, in the order KVM needs (the module docstring).
+        advance_ns: move the TSC on by that much time too (the guest's clocksource may
+        be the TSC rather than kvmclock); msr_overrides: MSR values to use instead."""
         fd = vcpu.fd
         if self.tsc_khz and kvm.check_extension("TSC_CONTROL") and \
                 _tsc_khz(vcpu) != self.tsc_khz:
@@ -196,11 +199,18 @@ class VcpuState:
         _set_blob(fd, "debugregs", self.blobs["debugregs"])
         if self.lapic is not None:
             _set_blob(fd, "lapic", self.lapic)
-        self._restore_msrs(vcpu)
+        self._restore_msrs(vcpu, advance_ns, msr_overrides or {})
         _set_blob(fd, "vcpu_events", self.blobs["vcpu_events"])
 
-    def _restore_msrs(self, vcpu: VcpuFd) -> None:
+    def _restore_msrs(self, vcpu: VcpuFd, advance_ns: int,
+                      overrides: dict[int, int]) -> None:
         msrs = dict(self.msrs)
+        if advance_ns > 0 and self.tsc_khz and MSR_IA32_TSC in msrs:
+            # On KVM PVM the guest TSC is the host's and this write is dropped: there
+            # the guest's TSC has moved on by itself.
+            msrs[MSR_IA32_TSC] = min(U64_MAX, msrs[MSR_IA32_TSC] +
+                                     advance_ns * self.tsc_khz // 1_000_000)
+        msrs.update((index, value) for index, value in overrides.items() if index in msrs)
         if msrs.get(MSR_IA32_TSC_DEADLINE) == 0 and self._timer_in_deadline_mode():
             # KVM reads the deadline back as 0 once it has passed (the interrupt is
             # pending in the LAPIC or already delivered); written as 0 it would disarm
