@@ -76,6 +76,9 @@ MOVING_MSRS = {
     0x11: "MSR_KVM_WALL_CLOCK (kvmclock)", 0x12: "MSR_KVM_SYSTEM_TIME (kvmclock)",
     0x4B564D00: "MSR_KVM_WALL_CLOCK_NEW (kvmclock)",
     0x4B564D01: "MSR_KVM_SYSTEM_TIME_NEW (kvmclock)",
+    # Hyper-V's counters, which hardware KVM lists (seen under SVM, not on PVM).
+    0x40000010: "HV_X64_MSR_VP_RUNTIME: the vCPU's run time so far",
+    0x40000020: "HV_X64_MSR_TIME_REF_COUNT: a 100 ns reference clock",
 }
 # struct kvm_pit_state2: 3 channels of 24 bytes, each ending in count_load_time, the
 # host's ktime when the count was loaded: KVM_SET_PIT2 reloads it with the host's now.
