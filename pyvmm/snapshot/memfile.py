@@ -69,11 +69,65 @@ def _data_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
             yield start, end
             offset = end
         return
+    if memory.backend == "file":
+        yield from _file_backed_extents(memory, index)
+        return
+    # Anonymous memory behind a userfaultfd: a page never touched here is still the
+    # handler's to give, so every page is read (and faulted in) and zero runs skipped.
     view = memoryview(region.mm)
     for start in range(0, region.size, CHUNK):
         end = min(start + CHUNK, region.size)
         if view[start:end] != ZERO_CHUNK[:end - start]:
             yield start, end
+
+
+# /proc/pid/pagemap, one u64 per page (Documentation/admin-guide/mm/pagemap.rst).
+PAGEMAP_PRESENT, PAGEMAP_SWAPPED, PAGEMAP_FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
+PAGEMAP_ENTRIES_PER_CHUNK = CHUNK // PAGE_SIZE
+
+
+def _file_backed_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
+    """A region mapped private from a memory file holds, page by page, either the
+    file's bytes or this process's own copy (a page written since): the file's data
+    extents plus the pages /proc/self/pagemap shows as private.  Everything else is
+    a hole in the file and was never written: zero.  (Scanning for zeroes instead
+    reads every page: 0.66 s for 256 MiB.)"""
+    region = memory.regions[index]
+    pages = region.size // PAGE_SIZE
+    marked = bytearray(pages)
+    file_offset = sum(r.size for r in memory.regions[:index])
+    offset = file_offset
+    while offset < file_offset + region.size:
+        try:
+            start = os.lseek(region.memfd, offset, os.SEEK_DATA)
+        except OSError:
+            break                               # ENXIO: only holes from here on
+        if start >= file_offset + region.size:
+            break
+        end = min(os.lseek(region.memfd, start, os.SEEK_HOLE), file_offset + region.size)
+        first, last = (start - file_offset) // PAGE_SIZE, -(-(end - file_offset) // PAGE_SIZE)
+        marked[first:last] = b"\1" * (last - first)
+        offset = end
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        entries = os.pread(pagemap.fileno(), 8 * pages, region.host_addr // PAGE_SIZE * 8)
+    zero = bytes(8 * PAGEMAP_ENTRIES_PER_CHUNK)
+    for chunk_start in range(0, pages, PAGEMAP_ENTRIES_PER_CHUNK):
+        raw = entries[8 * chunk_start:8 * (chunk_start + PAGEMAP_ENTRIES_PER_CHUNK)]
+        if raw == zero[:len(raw)]:
+            continue                            # nothing mapped here at all
+        for i, entry in enumerate(memoryview(raw).cast("Q")):
+            if entry & PAGEMAP_SWAPPED or (entry & PAGEMAP_PRESENT and
+                                           not entry & PAGEMAP_FILE_OR_SHARED):
+                marked[chunk_start + i] = 1     # our private copy of the page
+    page = 0
+    while True:
+        first = marked.find(1, page)
+        if first < 0:
+            return
+        last = marked.find(0, first)
+        last = pages if last < 0 else last
+        yield first * PAGE_SIZE, last * PAGE_SIZE
+        page = last
 
 
 def write_full(memory: GuestMemory, path: str | os.PathLike) -> int:
