@@ -48,12 +48,15 @@ def snapshot(guest, netns, tmp_path_factory, module_microvm_factory):
                  "is_read_only": False}],
         nets=[{"iface_id": "eth0", "host_dev_name": netns.tap, "guest_mac": MAC}],
         netns=netns)
-    run_in_shell(vm, f"dmesg -n 1 && ip addr add {GUEST_IP}/24 dev eth0 && "
-                     f"ip link set eth0 up && echo {DISK_MARK} | dd of=/dev/vda bs=512 "
-                     "conv=sync,fsync 2>/dev/null")
+    # One program per command: each is safe to run again (sh()).
+    sh(vm, "dmesg -n 1")
+    sh(vm, f"ip addr add {GUEST_IP}/24 dev eth0 2>/dev/null; true")
+    sh(vm, "ip link set eth0 up")
+    sh(vm, f"echo {DISK_MARK} | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null")
     vm.serial.write(COUNTER + "\n")
     deadline = time.monotonic() + 600
-    while int(run_in_shell(vm, "cat /tmp/count 2>/dev/null || echo 0").strip() or 0) < 3:
+    while int(run_in_shell(vm, "c=0; [ -e /tmp/count ] && read c < /tmp/count; echo $c")
+              .strip() or 0) < 3:
         assert time.monotonic() < deadline, "the guest's counter did not start"
         time.sleep(1)
     count = counter(vm)
@@ -68,13 +71,32 @@ def snapshot(guest, netns, tmp_path_factory, module_microvm_factory):
     return {"state": state, "mem": mem, "disk": disk, "dir": d, "count": count}
 
 
+# KVM PVM's known guest flake: a freshly exec'd busybox sometimes reads its TLS through a
+# stale FS base and segfaults at its first TLS access (never seen under SVM; not caused
+# by snapshots: fresh boots show it too).  Commands that must exec a program are run
+# again when, and only when, the shell reports exactly that; reads use shell builtins.
+PVM_SEGFAULT = "Segmentation fault"
+retried: list[str] = []
+
+
+def sh(vm, command: str, timeout: float = 120) -> str:
+    for _ in range(3):
+        out = run_in_shell(vm, command, timeout)
+        if PVM_SEGFAULT not in out:
+            return out
+        retried.append(command)
+        print(f"PVM segfault flake in {command!r}; running it again")
+    return out
+
+
 def counter(vm) -> int:
-    return int(run_in_shell(vm, "cat /tmp/count").strip())
+    return int(run_in_shell(vm, "read c < /tmp/count; echo $c").strip())
 
 
 def local_interrupts(vm) -> list[int]:
     """Each CPU's local APIC timer interrupts (the LOC line of /proc/interrupts)."""
-    line = run_in_shell(vm, "grep LOC: /proc/interrupts")
+    line = run_in_shell(vm, "while read -r l; do case $l in LOC:*) echo $l;; esac; done "
+                            "< /proc/interrupts")
     return [int(x) for x in line.split()[1:3]]
 
 
@@ -91,14 +113,14 @@ def test_restored_in_a_new_process_it_runs_on(snapshot, netns, tmp_path):
         restored_in = time.monotonic() - started
         before = local_interrupts(proc)
         t = time.monotonic()
-        run_in_shell(proc, "sleep 1")
+        sh(proc, "sleep 1")
         slept = time.monotonic() - t
         time.sleep(2)
         second = counter(proc)
         after = local_interrupts(proc)
-        lockups = run_in_shell(proc, "dmesg | grep -c -i -e 'soft lockup' -e 'rcu.*stall' "
+        lockups = sh(proc, "dmesg | grep -c -i -e 'soft lockup' -e 'rcu.*stall' "
                                      "-e 'hung task'; true").strip()
-        mark = run_in_shell(proc, "head -c 13 /dev/vda")
+        mark = sh(proc, "head -c 13 /dev/vda")
         ping = netns.run("ping", "-c", "2", "-W", "10", GUEST_IP, capture_output=True,
                          text=True)
     finally:
@@ -128,7 +150,7 @@ def test_a_diff_on_its_base_is_the_full_snapshot(snapshot, netns, tmp_path,
                                  track_dirty_pages=True, drive_overrides={"data": str(disk)})
     # Pages the guest writes (KVM's dirty log), and pages virtio-blk writes for it
     # (the page cache refilled from the disk: only our device tracking sees those).
-    run_in_shell(vm, "dd if=/dev/urandom of=/tmp/blob bs=4096 count=64 2>/dev/null; "
+    sh(vm, "dd if=/dev/urandom of=/tmp/blob bs=4096 count=64 2>/dev/null; "
                      "echo 3 > /proc/sys/vm/drop_caches; md5sum /tmp/blob /dev/vda")
     vm.pause()
     diff = vm.snapshot(tmp_path / "diff.state", tmp_path / "diff.mem", "Diff")
@@ -160,7 +182,7 @@ def test_the_guest_clock_stays_put_or_catches_up(snapshot, netns, tmp_path,
         vm = microvm_factory.restore(snapshot["state"], snapshot["mem"], netns=netns,
                                      clock_realtime=realtime,
                                      drive_overrides={"data": str(disk)})
-        guest = int(run_in_shell(vm, "date +%s").strip())
+        guest = int(sh(vm, "date +%s").strip())
         lags[realtime] = time.time() - guest
         pvm = vm.pvm
         vm.close()
@@ -191,8 +213,8 @@ def test_ten_clones_run_at_once_and_diverge(snapshot, tmp_path):
                               enter=lambda i: namespaces[i].entered())
         with concurrent.futures.ThreadPoolExecutor(CLONES) as pool:
             ids = list(pool.map(lambda c: run_in_shell(
-                c.vm, f"echo clone-{c.index} > /tmp/id; cat /tmp/id", timeout=900).strip(),
-                clones))
+                c.vm, f"echo clone-{c.index} > /tmp/id; read x < /tmp/id; echo $x",
+                timeout=900).strip(), clones))
         assert ids == [f"clone-{i}" for i in range(CLONES)]
         for ns in namespaces:
             ping = ns.run("ping", "-c", "1", "-W", "20", GUEST_IP, capture_output=True,
