@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -360,7 +361,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from pyvmm.snapshot.format import describe
     if args.snapshot_command == "info":
         path = args.file / SNAPSHOT_STATE if args.file.is_dir() else args.file
-        print(describe(path))
+        text = describe(path)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            # `pyvmm snapshot info F | head`: the reader has what it wanted.  stdout
+            # goes to /dev/null so that the flush at exit is quiet too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.snapshot_command == "merge":
         copied = snapshot.merge(args.base_mem, args.diff_state, args.diff_mem)

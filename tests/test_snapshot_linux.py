@@ -305,6 +305,13 @@ def test_a_third_party_firecracker_client_loads_and_creates_unchanged(snapshot, 
                                 snapshot_path=str(tmp_path / "again.state"))
         api.vm.patch(state="Resumed")
         assert counter(proc) >= snapshot["count"]
+        # `pyvmm snapshot create` through the same socket: pauses, saves, resumes.
+        created = subprocess.run(pyvmm_command() + ["snapshot", "create", "--api-sock",
+                                                    str(sock), str(tmp_path / "cli")],
+                                 capture_output=True, text=True)
+        assert created.returncode == 0, created.stderr
+        assert api.describe.get().json()["state"] == "Running"
+        assert (tmp_path / "cli" / "vm.mem").stat().st_size == 256 << 20
         with pytest.raises(fc.APIError, match="not supported after starting"):
             api.load_snapshot.put(snapshot_path=str(snapshot["state"]),
                                   mem_file_path=str(snapshot["mem"]))
