@@ -29,7 +29,7 @@ class Region:
     gpa: int
     size: int
     slot: int
-    memfd: int
+    memfd: int          # the memfd; the memory file (a dup) when mapped from one; -1: none
     mm: mmap.mmap
     host_addr: int = 0
     _keepalive: object = field(default=None, repr=False)
@@ -119,12 +119,9 @@ class GuestMemory:
         dirty = self.device_dirty
         if dirty is None or length <= 0:
             return
-        for region in self.regions:
-            if region.gpa <= gpa < region.end:
-                first = (gpa - region.gpa) // PAGE_SIZE
-                last = (min(gpa + length, region.end) - 1 - region.gpa) // PAGE_SIZE
-                dirty.update((region.slot, page) for page in range(first, last + 1))
-                return
+        region, offset = self._locate(gpa, length)     # devices write only inside RAM
+        dirty.update((region.slot, page) for page in
+                     range(offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE + 1))
 
     @classmethod
     def x86(cls, mem_size: int) -> "GuestMemory":

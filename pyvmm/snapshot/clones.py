@@ -31,6 +31,7 @@ from typing import Any, Callable, ContextManager
 
 from pyvmm.snapshot import LoadRequest, SnapshotError
 from pyvmm.snapshot.format import read_state_file
+from pyvmm.snapshot.memfile import file_data_extents
 
 FICLONE = 0x40049409             # linux/fs.h: _IOW(0x94, 9, int)
 
@@ -54,13 +55,7 @@ def copy_image(source: str, target: str) -> str:
         except OSError:
             pass
         size = os.fstat(src.fileno()).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
-            except OSError:
-                break                              # holes to the end
-            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+        for start, end in file_data_extents(src.fileno(), 0, size):
             src.seek(start)
             dst.seek(start)
             left = end - start
@@ -70,7 +65,6 @@ def copy_image(source: str, target: str) -> str:
                     break
                 dst.write(chunk)
                 left -= len(chunk)
-            offset = end
         dst.truncate(size)
     return "copy"
 

@@ -54,20 +54,28 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
+def file_data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each stretch of [start, end) in the file that is not a hole
+    (SEEK_DATA/SEEK_HOLE), clipped to the range."""
+    offset = start
+    while offset < end:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            return                              # ENXIO: only holes from here on
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        offset = hole
+
+
 def _data_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
     """(start, end) offsets in a region that may hold non-zero bytes."""
     region = memory.regions[index]
     if memory.backend == "memfd":
         # The memfd knows which of its pages were ever written: skip the holes.
-        offset = 0
-        while offset < region.size:
-            try:
-                start = os.lseek(region.memfd, offset, os.SEEK_DATA)
-            except OSError:
-                return                          # ENXIO: only holes from here on
-            end = min(os.lseek(region.memfd, start, os.SEEK_HOLE), region.size)
-            yield start, end
-            offset = end
+        yield from file_data_extents(region.memfd, 0, region.size)
         return
     if memory.backend == "file":
         yield from _file_backed_extents(memory, index)
@@ -96,18 +104,9 @@ def _file_backed_extents(memory: GuestMemory, index: int) -> Iterator[tuple[int,
     pages = region.size // PAGE_SIZE
     marked = bytearray(pages)
     file_offset = sum(r.size for r in memory.regions[:index])
-    offset = file_offset
-    while offset < file_offset + region.size:
-        try:
-            start = os.lseek(region.memfd, offset, os.SEEK_DATA)
-        except OSError:
-            break                               # ENXIO: only holes from here on
-        if start >= file_offset + region.size:
-            break
-        end = min(os.lseek(region.memfd, start, os.SEEK_HOLE), file_offset + region.size)
+    for start, end in file_data_extents(region.memfd, file_offset, file_offset + region.size):
         first, last = (start - file_offset) // PAGE_SIZE, -(-(end - file_offset) // PAGE_SIZE)
         marked[first:last] = b"\1" * (last - first)
-        offset = end
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
         entries = os.pread(pagemap.fileno(), 8 * pages, region.host_addr // PAGE_SIZE * 8)
     zero = bytes(8 * PAGEMAP_ENTRIES_PER_CHUNK)

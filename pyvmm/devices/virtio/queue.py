@@ -215,8 +215,6 @@ class Virtqueue:
             if flags & VIRTQ_DESC_F_WRITE:
                 if readable is None:
                     readable = len(views), total, seen - 1
-                if mem.device_dirty is not None:
-                    mem.mark_dirty(addr, length)      # for Diff snapshots
             elif readable is not None:
                 raise QueueError("a device-readable buffer follows a device-writable one")
             try:
@@ -224,6 +222,8 @@ class Virtqueue:
             except GuestMemoryError:
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") \
                     from None
+            if flags & VIRTQ_DESC_F_WRITE and mem.device_dirty is not None:
+                mem.mark_dirty(addr, length)          # for Diff snapshots
             if length:
                 views.append(view)
             total += length
