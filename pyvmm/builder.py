@@ -86,13 +86,11 @@ class LinuxVm(Closeable):
         self.machine = Machine(machine_config.mem_size_mib * MiB, machine_config.vcpu_count,
                                irqchip=True, strict=False, kvm=kvm,
                                memory=restore.memory if restore else None,
-                               track_dirty_pages=machine_config.track_dirty_pages)
-        if kvm is not None:
-            self.machine._owns_kvm = True
+                               track_dirty_pages=machine_config.track_dirty_pages,
+                               own_kvm=True)
         self.iothread = IoThread()
         self.virtio: dict[str, VirtioMmio] = {}
         self.started_at: float | None = None
-        self.restored = restore is not None
         self.kernel: LoadedKernel | None = None
         if restore is not None:
             # The userfaultfd must outlive guest memory: KVM may fault on it until then.

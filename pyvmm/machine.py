@@ -106,11 +106,14 @@ class Machine(Closeable):
     def __init__(self, mem_size: int = 128 << 20, vcpus: int = 1, *, irqchip: bool = True,
                  strict: bool = False, layout: list[tuple[int, int]] | None = None,
                  end_on_first_exit: bool = True, kvm: Kvm | None = None,
-                 memory: GuestMemory | None = None, track_dirty_pages: bool = False) -> None:
-        """memory: guest RAM made by the caller (a snapshot's), which the machine then
-        owns; track_dirty_pages: KVM logs the pages the guest writes (Diff snapshots)."""
+                 memory: GuestMemory | None = None, track_dirty_pages: bool = False,
+                 own_kvm: bool = False) -> None:
+        """kvm: a /dev/kvm handle to use, which stays the caller's unless own_kvm (one
+        opened here is always the machine's); memory: guest RAM made by the caller (a
+        snapshot's), which the machine then owns; track_dirty_pages: KVM logs the
+        pages the guest writes (Diff snapshots)."""
         self.kvm = kvm or Kvm()
-        self._owns_kvm = kvm is None
+        self._owns_kvm = kvm is None or own_kvm
         if not 1 <= vcpus <= self.kvm.max_vcpus:
             raise MachineError(f"cannot create {vcpus} vCPUs: this host allows 1 to "
                                f"{self.kvm.max_vcpus}")

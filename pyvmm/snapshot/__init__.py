@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.config import ConfigError, VmSpec
 from pyvmm.devices.virtio.state import StateError
+from pyvmm.layout import PAGE_SIZE
 from pyvmm.memory import GuestMemory, GuestMemoryError, x86_layout
 from pyvmm.snapshot import memfile
 from pyvmm.snapshot.format import SnapshotError, read_state_file, write_state_file
@@ -101,8 +102,8 @@ def create(vm: "LinuxVm", snapshot_path: str | os.PathLike, mem_file_path: str |
                         "virtio": {name: t.save() for name, t in vm.virtio.items()}},
         }
         layout = machine.memory.layout
-        memory: dict[str, Any] = {"regions": [list(r) for r in layout], "page_size": 4096,
-                                  "dirty_pages": None}
+        memory: dict[str, Any] = {"regions": [list(r) for r in layout],
+                                  "page_size": PAGE_SIZE, "dirty_pages": None}
         if machine.track_dirty_pages:
             bitmaps = machine.dirty_pages()          # a new period starts either way
         if snapshot_type == DIFF:
