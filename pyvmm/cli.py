@@ -416,6 +416,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pyvmm import builtin_guest
     if args.guest_command == "build":
         paths = builtin_guest.build_guest(progress=True) if args.force else \
@@ -425,8 +427,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
         if found is None:
             raise PyvmmError("the built-in guest is not built yet: run `pyvmm guest build`")
         paths = found
-    print(f"bzimage={paths.bzimage}\nvmlinux={paths.vmlinux}\ninitramfs={paths.initramfs}\n"
-          f"system_map={paths.system_map}")
+    for field in dataclasses.fields(paths):
+        print(f"{field.name}={getattr(paths, field.name)}")
     return 0
 
 
