@@ -14,6 +14,7 @@ Three layers, bottom up:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,14 +27,14 @@ from pyvmm.boot.cpu import setup_vcpus
 from pyvmm.boot.initrd import panic_hint as initrd_panic_hint
 from pyvmm.boot.loader import LoadedKernel, load_linux
 from pyvmm.closing import Closeable
-from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec
+from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec, Vsock
 from pyvmm.devices.i8042 import I8042, I8042_PORTS
 from pyvmm.devices.iothread import IoThread
 from pyvmm.devices.uart import UART_REGISTERS, Uart
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Outcome, OutcomeKind
 from pyvmm.layout import COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ, \
-    MAX_VIRTIO_DEVICES, MiB
+    MAX_VIRTIO_DEVICES, MiB, virtio_window
 from pyvmm.machine import Bus, Machine
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class LinuxVm(Closeable):
         configuration); kvm: the /dev/kvm handle to use (the VM then owns it)."""
         spec.check_startable()
         assert spec.boot_source is not None
-        devices = len(spec.virtio_devices())
+        devices = len(virtio_sections(spec))
         if devices > MAX_VIRTIO_DEVICES:
             raise VmError(f"{devices} virtio devices is too many: at most {MAX_VIRTIO_DEVICES}")
         self.spec = spec
@@ -97,7 +98,8 @@ class LinuxVm(Closeable):
             self.machine.at_release(restore.close_uffd)
         try:
             self.pvm = self.machine.kvm.pvm if pvm is None else pvm
-            self.cmdline = build_cmdline(spec, self.pvm)
+            self.cmdline = build_cmdline(spec, self.pvm,
+                                         [virtio_window(i) for i in range(devices)])
             self._add_legacy_devices()
             self.fixups = pvm_host.PvmFixups(self.machine.memory)
             if self.pvm:
@@ -148,7 +150,7 @@ class LinuxVm(Closeable):
     def _add_virtio_devices(self) -> None:
         """Each configured virtio device, in the order (and so the MMIO window) that
         build_cmdline announces it at."""
-        devices = self.spec.virtio_devices()
+        devices = virtio_sections(self.spec)
         if not devices:
             return                  # a VM without virtio devices never imports them
         from pyvmm.devices.virtio.mmio import attach
@@ -159,6 +161,11 @@ class LinuxVm(Closeable):
             except BaseException:
                 device.close()
                 raise
+            if isinstance(section, Vsock):
+                # The muxer's sockets and timers are served on the I/O thread.
+                device.watch_backend = functools.partial(  # type: ignore[attr-defined]
+                    self.iothread.watch, device.backend.fd,  # type: ignore[attr-defined]
+                    device.backend_ready)  # type: ignore[attr-defined]
 
     def update_drive(self, drive_id: str, path: Path) -> None:
         """Point a drive at another image (Firecracker's PATCH /drives/{id})."""
@@ -277,6 +284,16 @@ class LinuxVm(Closeable):
         self.machine.close()
 
 
+def virtio_sections(spec: VmSpec) -> list[tuple[str, object]]:
+    """spec.virtio_devices(), then the vsock device if configured: the order of
+    the virtio-mmio windows (pyvmm.layout) and of the command line's
+    virtio_mmio.device parameters."""
+    devices: list[tuple[str, object]] = list(spec.virtio_devices())
+    if spec.vsock is not None and all(name != "vsock" for name, _ in devices):
+        devices.append(("vsock", spec.vsock))
+    return devices
+
+
 def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice":
     """The virtio device model for one section of the configuration; each device
     module is imported only when a VM has such a device."""
@@ -292,6 +309,12 @@ def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice"
     if isinstance(section, Entropy):
         from pyvmm.devices.virtio.rng import Rng
         return Rng()
+    if isinstance(section, Vsock):
+        from pyvmm.devices.virtio.vsock import Vsock as VsockDevice
+        from pyvmm.devices.vsock_uds import VsockMuxer
+        # The listening socket exists from here on: host programs may connect
+        # before the guest's driver is up (they wait in the backlog).
+        return VsockDevice(section.guest_cid, VsockMuxer(section.guest_cid, section.uds_path))
     raise ConfigError(f"no virtio device for {type(section).__name__}")
 
 

@@ -342,10 +342,37 @@ class Entropy:
 
 @dataclass
 class Vsock:
-    """Stored and reported; the virtio-vsock device does not exist yet."""
+    """The virtio-vsock device (pyvmm.devices.virtio.vsock): the guest's CID and the
+    Unix socket host programs connect to (Firecracker's docs/vsock.md)."""
     guest_cid: int
     uds_path: str
     vsock_id: str | None = None
+
+    CLI_USAGE = "use cid=N,uds=PATH[,id=NAME]"
+
+    @classmethod
+    def from_cli(cls, text: str) -> "Vsock":
+        """`--vsock cid=N,uds=PATH[,id=NAME]` (a PATH with a comma cannot be given here:
+        use the API or a config file)."""
+        where = f"--vsock {text}"
+        keys = {"cid": "guest_cid", "uds": "uds_path", "id": "vsock_id"}
+        body: dict[str, Any] = {}
+        for item in text.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or key not in keys:
+                raise ConfigError(f"{where}: {item!r} is not one of cid=, uds=, id=: "
+                                  f"{cls.CLI_USAGE}")
+            if keys[key] in body:
+                raise ConfigError(f"{where}: {key}= is given twice: {cls.CLI_USAGE}")
+            body[keys[key]] = value
+        for key in ("cid", "uds"):
+            if keys[key] not in body:
+                raise ConfigError(f"{where}: {key}= is required: {cls.CLI_USAGE}")
+        cid = body["guest_cid"]
+        if not cid.isascii() or not cid.isdigit():
+            raise ConfigError(f"{where}: cid {cid!r} is not a number: {cls.CLI_USAGE}")
+        body["guest_cid"] = int(cid)
+        return cls.from_json(body, where)
 
     FIELDS = {"guest_cid": (int, True), "uds_path": (str, True), "vsock_id": (str, False)}
 
