@@ -17,11 +17,11 @@ if ! command -v "$cc" >/dev/null 2>&1; then
     exit 1
 fi
 # The build id names the sources, so the host can tell which agent answers.
-build_id=$(cat "$here"/*.c | sha256sum | cut -c1-12)
+build_id=$(cat "$here"/*.[ch] | sha256sum | cut -c1-12)
 tmp="$out.tmp.$$"
 trap 'rm -f "$tmp"' EXIT
 "$cc" -static -Os -std=gnu11 -Wall -Wextra -Werror \
     -DPYVMM_AGENT_BUILD_ID="\"$build_id\"" \
-    -o "$tmp" "$here"/agent.c
+    -o "$tmp" "$here"/agent.c "$here"/main.c
 strip "$tmp"
 mv "$tmp" "$out"

@@ -212,9 +212,6 @@ class _Channel:
 
     def flush(self, deadline: float | None) -> None:
         while self._out:
-            if self.frames and self.frames[-1].type == FrameType.ERROR:
-                self._out.clear()  # the agent refused; do not push more at it
-                return
             self.pump(deadline)
 
     def next_frame(self, deadline: float | None) -> Frame:
