@@ -337,7 +337,10 @@ class Connection:
             self._shut_host_writing()
         if self.peer_recv_off and self.peer_send_off:
             if self.tx_buf:
-                self.expiry = now + CONN_SHUTDOWN_TIMEOUT
+                # Armed once: repeated SHUTDOWNs must not push the reset back (or
+                # grow the muxer's deadline heap).
+                if self.expiry is None:
+                    self.expiry = now + CONN_SHUTDOWN_TIMEOUT
             else:
                 self.pending |= P_RST
 

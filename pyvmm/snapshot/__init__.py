@@ -138,7 +138,7 @@ class LoadRequest:
     drive_overrides: dict[str, str] = field(default_factory=dict)
     # vsock_override's uds_path: the restored vsock device's socket (its connections
     # never survive a snapshot; the guest is told to reset them).
-    vsock_uds_path: str | None = None
+    vsock_override: str | None = None
 
 
     FIELDS = ("snapshot_path", "mem_file_path", "mem_backend", "enable_diff_snapshots",
@@ -174,13 +174,13 @@ class LoadRequest:
             backend_type, backend_path = FILE, _text(body, "mem_file_path", where, True)
         flags = {name: _flag(body, name, where) for name in
                  ("enable_diff_snapshots", "track_dirty_pages", "resume_vm", "clock_realtime")}
-        vsock_uds_path = None
+        vsock_override = None
         if body.get("vsock_override") is not None:
             # Firecracker's VsockOverride: the restored vsock device listens here instead.
             override = body["vsock_override"]
             if not isinstance(override, dict) or set(override) != {"uds_path"}:
                 raise SnapshotError(f"{where}: vsock_override must be {{\"uds_path\": PATH}}")
-            vsock_uds_path = _text(override, "uds_path", f"{where}: vsock_override", True)
+            vsock_override = _text(override, "uds_path", f"{where}: vsock_override", True)
         if "huge_pages" in body:
             huge_pages = body["huge_pages"]
             if not isinstance(huge_pages, str):
@@ -204,7 +204,7 @@ class LoadRequest:
         return cls(path, backend_path, backend_type,
                    flags["track_dirty_pages"] or flags["enable_diff_snapshots"],
                    flags["resume_vm"], overrides, flags["clock_realtime"],
-                   vsock_uds_path=vsock_uds_path)
+                   vsock_override=vsock_override)
 
 
 def parse_create(body: Any, where: str = "PUT /snapshot/create") -> tuple[str, str, str]:
@@ -335,10 +335,10 @@ def _spec(body: dict[str, Any], request: LoadRequest) -> VmSpec:
             raise SnapshotError(f"drive override: the snapshot has no drive {drive_id!r} (it "
                                 f"has: {', '.join(spec.drives) or 'none'})")
         drive.path_on_host = path
-    if request.vsock_uds_path is not None:
+    if request.vsock_override is not None:
         if spec.vsock is None:
             raise SnapshotError("vsock_override: the snapshot has no vsock device")
-        spec.vsock.uds_path = request.vsock_uds_path
+        spec.vsock.uds_path = request.vsock_override
     spec.machine_config.track_dirty_pages = request.track_dirty_pages
     return spec
 
