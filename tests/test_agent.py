@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -480,3 +481,42 @@ def test_hostile_bytes_never_hurt_the_agent(agent, hello_first, garbage):
     assert agent.alive()
     with agent.connect(timeout=5) as c:
         c.health()
+
+
+# -- --init: PID 1 of a sandbox, tried in private namespaces -------------------------------------
+
+@pytest.fixture
+def init_agent(agent_binary):
+    """The agent as PID 1 of new PID, mount and UTS namespaces (unshare; private mount
+    propagation, so its mounts stay inside), its console bound to /dev/null."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for namespaces")
+    sock_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))   # --init mounts a tmpfs over /tmp
+    sock = sock_dir / "agent.sock"
+    proc = subprocess.Popen(["unshare", "--fork", "--pid", "--mount-proc", "--mount", "--uts", "--kill-child",
+                             "sh", "-c", 'mount --bind /dev/null /dev/console && exec "$0" --init --unix "$1"',
+                             str(agent_binary), str(sock)])
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the --init agent did not start"
+        time.sleep(0.02)
+    host_agent = HostAgent.__new__(HostAgent)
+    host_agent.path, host_agent.proc = str(sock), proc
+    yield host_agent
+    proc.kill()          # --kill-child: PID 1 dies, and the namespace with it
+    proc.wait(timeout=10)
+    shutil.rmtree(sock_dir)
+
+
+def test_init_mode_is_pid_1_with_a_system_around_it(init_agent):
+    with init_agent.connect() as c:
+        result = c.exec(["sh", "-c", "cat /proc/1/comm; hostname; stat -f -c %T /tmp; echo $PATH; "
+                                     "ls -d /proc/self /dev/pts /sys/kernel"])
+        assert result.exit_code == 0, result
+        comm, hostname, tmp_fs, path, *listed = result.stdout.decode().splitlines()
+        assert (comm, hostname, tmp_fs) == ("pyvmm-agent", "sandbox", "tmpfs")
+        assert path.startswith("/usr/local/sbin:")
+        # an orphan (its parent shell exited) is PID 1's to reap: no zombie left behind
+        orphan = int(c.exec(["sh", "-c", "sleep 0.2 & echo $!"]).stdout)
+        time.sleep(0.6)
+        assert c.exec(["test", "-e", f"/proc/{orphan}"]).exit_code == 1
