@@ -270,7 +270,7 @@ class AgentClient:
             raise AgentError("this agent connection is busy with a command: wait for it, "
                              "or open another connection")
         self._running = None
-        if self.info is None and not data[p.HEADER_SIZE] == FrameType.HELLO:
+        if self.info is None:
             self.hello()
         self._chan.queue(data)
         self._chan.flush(_deadline(self.timeout))
