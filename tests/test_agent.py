@@ -173,6 +173,12 @@ def test_stdin_streamed_in_and_closed(client):
     assert int(result.stdout) == len(data)
 
 
+def test_stdin_nobody_reads_is_dropped_and_the_connection_goes_on(client):
+    assert client.exec(["sh", "-c", "head -c 100 > /dev/null; echo read"], stdin=bytes(TEN_MB)).stdout == b"read\n"
+    assert client.exec(["true"], stdin=bytes(TEN_MB)).exit_code == 0
+    assert client.exec(["echo", "next"]).stdout == b"next\n"
+
+
 def test_interactive_stdin_and_streamed_events(client):
     proc = client.start(["sh", "-c", "while read line; do echo got:$line; done; echo bye"], stdin=True)
     proc.write_stdin(b"one\n")
@@ -358,6 +364,29 @@ def test_a_client_that_vanishes_while_stdin_is_blocked(agent):
         raw.sock.sendall(p.encode_frame(FrameType.STDIN, b"x" * 60000) * 100)
     raw.close()
     assert wait_gone(shell)
+
+
+def test_a_client_that_vanishes_while_the_agent_waits_to_send(agent, tmp_path):
+    # the command floods, the client reads nothing: the agent's queue is full and it is
+    # not reading the connection, yet it must notice the close
+    raw = agent.raw()
+    raw.hello()
+    raw.send(p.exec_request(["sh", "-c", "echo $$; exec cat /dev/zero"]))
+    shell = int(raw.next().payload.split(b"\n")[0])
+    time.sleep(0.5)
+    raw.close()
+    assert wait_gone(shell)
+    big = tmp_path / "big"
+    big.write_bytes(bytes(8 * 1024 * 1024))
+    raw = agent.raw()
+    raw.hello()
+    raw.send(p.get_file_request(str(big)))
+    assert raw.next().type == FrameType.DATA
+    time.sleep(0.3)
+    raw.close()
+    time.sleep(0.2)
+    with agent.connect() as c:
+        assert c.health().connections == 1
 
 
 def test_slow_reader_costs_bounded_agent_memory(agent, tmp_path):

@@ -525,8 +525,9 @@ static void handle_exec(struct conn *c, const uint8_t *p, size_t n)
         close_fd(&out[0]);
         close_fd(&err[0]);
         close_fd(&master);
-        queue_error(c, saved, "cannot start %.200s: %s", (const char *)field(T_ARGV)->val,
-                    strerror(saved));
+        const struct field *arg0 = field(T_ARGV); /* not NUL-terminated */
+        queue_error(c, saved, "cannot start %.*s: %s", (int)(arg0->len < 200 ? arg0->len : 200),
+                    (const char *)arg0->val, strerror(saved));
         return; /* the connection stays usable */
     }
     c->pid = pid;
@@ -602,8 +603,8 @@ static void handle_signal(struct conn *c, const uint8_t *p, size_t n)
     uint32_t sig = (uint32_t)field_uint(T_SIGNAL, 4, 0, &bad);
     if (why != NULL || bad || sig == 0 || sig > 64)
         return protocol_error(c, "SIGNAL: %s", why ? why : "SIGNAL field missing or not 1..64");
-    if (!c->reaped)
-        kill(-c->pid, (int)sig);
+    if (!c->reaped && kill(-c->pid, (int)sig) != 0 && errno == ESRCH)
+        kill(c->pid, (int)sig); /* it has not called setsid() yet */
 }
 
 /* The command is over when it was reaped and its pipes are closed (or silent since). */
@@ -1002,8 +1003,11 @@ static int in_make_room(struct conn *c)
     }
     if (c->in_cap < need) {
         uint8_t *bigger = realloc(c->in, need);
-        if (bigger == NULL)
+        if (bigger == NULL) {
+            log_line("out of memory for a %zu-byte frame: closing its connection", need);
+            conn_close(c);
             return 0;
+        }
         c->in = bigger;
         c->in_cap = need;
     }
@@ -1012,7 +1016,7 @@ static int in_make_room(struct conn *c)
 
 static void conn_read(struct conn *c)
 {
-    if (!in_make_room(c))
+    if (!in_make_room(c) || c->fd < 0)
         return;
     ssize_t r = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, MSG_DONTWAIT);
     if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
@@ -1127,11 +1131,11 @@ static void conn_step(struct conn *c, struct pollfd *pfds)
     short sock = c->ix_sock >= 0 ? pfds[c->ix_sock].revents : 0;
     if (sock & POLLOUT)
         conn_flush(c);
-    if (c->fd >= 0 && sock & (POLLIN | POLLHUP | POLLERR)) {
+    if (c->fd >= 0 && sock & (POLLIN | POLLHUP | POLLERR | POLLRDHUP)) {
         if (pfds[c->ix_sock].events & POLLIN)
-            conn_read(c);
-        else if (sock & (POLLHUP | POLLERR))
-            conn_close(c); /* gone while we were not reading: e.g. during a GET */
+            conn_read(c); /* reads what the client sent last, then sees the close */
+        else
+            conn_close(c); /* gone while we were not reading: during a GET, say */
     }
     if (c->fd < 0)
         return;
@@ -1184,6 +1188,9 @@ void serve(int listen_fd)
             int stdin_blocked = exec && c->stdin_blocked;
             /* a GET waits for socket room only: its file is always readable */
             short ev = (short)(c->out_end > c->out_start || c->state == S_GET ? POLLOUT : 0);
+            /* RDHUP: a vsock peer's close raises no POLLHUP, and a client that is gone
+               must be noticed even while its connection is not being read */
+            ev |= POLLRDHUP;
             if (wants_frames(c) && !stdin_blocked)
                 ev |= POLLIN;
             c->ix_sock = add_poll(pfds, &n, c->fd, ev);
