@@ -170,9 +170,13 @@ class _Channel:
         want_write = bool(self._out)
         if not want_read and not want_write:
             raise AgentError("the agent closed the connection")
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        readable, writable, _ = select.select([self.sock] if want_read else [],
-                                              [self.sock] if want_write else [], [], wait)
+        wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        poller = select.poll()   # not select(): a VMM process may hold more than 1024 fds
+        poller.register(self.sock, (select.POLLIN if want_read else 0) | (select.POLLOUT if want_write else 0))
+        events = poller.poll(wait_ms)
+        revents = events[0][1] if events else 0
+        readable = want_read and revents & (select.POLLIN | select.POLLHUP | select.POLLERR)
+        writable = want_write and revents & (select.POLLOUT | select.POLLHUP | select.POLLERR)
         if not readable and not writable:
             raise AgentError(f"the agent did not answer within the deadline "
                              f"({'sending' if want_write else 'waiting for a reply'})")
