@@ -549,3 +549,27 @@ def test_init_mode_is_pid_1_with_a_system_around_it(init_agent):
         orphan = int(c.exec(["sh", "-c", "sleep 0.2 & echo $!"]).stdout)
         time.sleep(0.6)
         assert c.exec(["test", "-e", f"/proc/{orphan}"]).exit_code == 1
+
+
+# -- Agent: one connection per operation, shared by threads -----------------------------------
+
+def test_one_agent_shared_by_twenty_threads_and_a_streamed_command_closes_its_connection(agent):
+    import concurrent.futures
+    from pyvmm.agent.client import Agent
+    shared = Agent(lambda: connect_unix(agent.path))
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        outputs = list(pool.map(lambda i: shared.exec(f"sleep 0.2; echo {i}").stdout, range(20)))
+    assert outputs == [b"%d\n" % i for i in range(20)]
+    process = shared.start(["cat"], stdin=True)
+    process.write_stdin(b"streamed")
+    process.close_stdin()
+    assert process.wait().stdout == b"streamed"
+    assert process._client._chan.sock.fileno() == -1     # closed with the command's end
+
+
+def test_agent_exec_bounds_the_output_it_keeps(agent):
+    from pyvmm.agent.client import Agent
+    shared = Agent(lambda: connect_unix(agent.path), max_output=1 << 20)
+    with pytest.raises(AgentError, match="more than"):
+        shared.exec("head -c 5000000 /dev/zero")
+    assert shared.exec("echo fine").stdout == b"fine\n"

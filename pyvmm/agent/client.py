@@ -400,6 +400,8 @@ class Process:
         # the agent kills the command at `timeout`; allow it the client's timeout to say so
         self._deadline = None if timeout is None else time.monotonic() + timeout + client.timeout
         self.status: ExitStatus | None = None
+        # Agent.start() opens a connection for this one command: it ends with it.
+        self._close_at_exit = False
 
     def _feed_from(self, chunks: Iterator[bytes]) -> None:
         self._feed = chunks
@@ -467,6 +469,8 @@ class Process:
                 self.status = ExitStatus(f.int(Tag.EXIT_CODE), f.int(Tag.TERM_SIGNAL),
                                          bool(f.int(Tag.TIMED_OUT, 0)))
                 self._feed = None
+                if self._close_at_exit:
+                    self._client.close()
                 yield "exit", self.status
             else:
                 _raise_for(frame, "run the command")
@@ -495,3 +499,91 @@ class Process:
     @property
     def returncode(self) -> int | None:
         return None if self.status is None else self.status.returncode
+
+
+# -- an agent to share between threads -------------------------------------------------------------
+
+DEFAULT_MAX_OUTPUT = 256 << 20    # bytes of output Agent.exec() keeps before it kills the command
+
+
+class Agent:
+    """Where an agent is: every operation opens a connection of its own (and closes it), so
+    that threads can share one Agent and run commands at once, as many as they like.
+
+        agent = Agent.over_vsock("/tmp/v.sock")          # Firecracker's vsock host side
+        print(agent.exec("uname -r").stdout)
+    """
+
+    def __init__(self, connector: Connector, timeout: float = DEFAULT_TIMEOUT,
+                 max_output: int | None = DEFAULT_MAX_OUTPUT) -> None:
+        self.connector = connector
+        self.timeout = timeout
+        self.max_output = max_output
+
+    @classmethod
+    def over_vsock(cls, uds_path: str, port: int = DEFAULT_PORT,
+                   connect_timeout: float = DEFAULT_TIMEOUT,
+                   alive: Callable[[], bool] | None = None, **options: object) -> "Agent":
+        """The agent behind a VMM's vsock socket, once it answers a HELLO: waits up to
+        connect_timeout seconds for it (a booting guest), or until alive() says the VM has
+        gone.  AgentError if none answers."""
+        agent = cls(lambda: connect_vsock_uds(uds_path, port, agent.timeout), **options)  # type: ignore[arg-type]
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            step = min(2.0, max(0.05, deadline - time.monotonic()))
+            try:
+                with AgentClient.connect(lambda: connect_vsock_uds(uds_path, port, step),
+                                         agent.timeout) as client:
+                    client.health()
+                return agent
+            except AgentError as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentError(f"no agent answered on vsock port {port} through "
+                                     f"{uds_path} within {connect_timeout:g} s: is the guest "
+                                     "booted with the agent?") from exc
+                if alive is not None and not alive():
+                    raise AgentError(f"the VM ended before its agent answered on vsock port "
+                                     f"{port}") from exc
+
+    def client(self) -> AgentClient:
+        """A connection of its own, greeted: close it (or use `with`) when done."""
+        return AgentClient.connect(self.connector, self.timeout)
+
+    def exec(self, argv: Sequence[str] | str, **options: object) -> ExecResult:
+        """AgentClient.exec on a connection of its own (max_output defaults to the Agent's)."""
+        options.setdefault("max_output", self.max_output)
+        with self.client() as client:
+            return client.exec(argv, **options)  # type: ignore[arg-type]
+
+    def start(self, argv: Sequence[str] | str, **options: object) -> Process:
+        """AgentClient.start on a connection of its own, closed when the command ends
+        (or by Process.kill())."""
+        client = self.client()
+        try:
+            process = client.start(argv, **options)  # type: ignore[arg-type]
+        except BaseException:
+            client.close()
+            raise
+        process._close_at_exit = True
+        return process
+
+    def put_file(self, path: str, data: bytes | BinaryIO, mode: int = 0o644,
+                 mkdirs: bool = True) -> None:
+        with self.client() as client:
+            client.put_file(path, data, mode, mkdirs)
+
+    def get_file(self, path: str, out: BinaryIO | None = None) -> bytes | int:
+        with self.client() as client:
+            return client.get_file(path, out)
+
+    def health(self) -> Health:
+        with self.client() as client:
+            return client.health()
+
+    def set_time(self, ns: int | None = None) -> None:
+        with self.client() as client:
+            client.set_time(ns)
+
+    def reseed(self, nbytes: int = 64) -> None:
+        with self.client() as client:
+            client.reseed(nbytes)
