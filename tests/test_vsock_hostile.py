@@ -58,7 +58,7 @@ def test_packets_for_other_cids_or_from_a_forged_cid_are_dropped(guest):
     guest.send(OP_REQUEST, 40000, 999, dst_cid=guest.cid)    # itself
     guest.send(OP_REQUEST, 40000, 999, src_cid=7)            # not who it is
     guest.pump()
-    assert guest.recv() == [] and guest.muxer.stats["tx_dropped"] == 3
+    assert guest.recv() == [] and guest.device.stats["foreign_cid_dropped"] == 3
 
 
 def test_unknown_types_and_orphan_packets_get_rst_but_an_rst_gets_nothing(guest):

@@ -505,7 +505,7 @@ class VsockMuxer:
         self.uds_path = uds_path
         self.stats = {"connections_added": 0, "connections_removed": 0, "connections_killed": 0,
                       "host_refused": 0, "bad_connect_lines": 0, "rst_dropped": 0,
-                      "tx_dropped": 0}
+                      "foreign_cid_dropped": 0}
         self.listener = listen_at(uds_path)
         self._socket_inode = os.lstat(uds_path).st_ino
         self._epoll = select.epoll()
@@ -534,7 +534,7 @@ class VsockMuxer:
         if header.src_cid != self.guest_cid or header.dst_cid != HOST_CID:
             # Only the host is reachable, and only as the guest itself (vhost-vsock
             # drops these too; Firecracker drops packets for other CIDs).
-            self.stats["tx_dropped"] += 1
+            self.stats["foreign_cid_dropped"] += 1
             return
         if header.socket_type != TYPE_STREAM:
             self._queue_rst(header.dst_port, header.src_port, header.op)

@@ -59,6 +59,10 @@ class Vsock(VirtioDevice):
         self.config = bytearray(CONFIG.pack(guest_cid))
         self.stats.update(rx_packets=0, tx_packets=0, tx_dropped=0, rx_bad_buffers=0,
                           events=0)
+        # One dict of counters: the muxer's (connections, refusals, drops) show in
+        # the device's report (LinuxVm.stats()) beside ours.
+        self.stats.update(backend.stats)
+        backend.stats = self.stats
         self.reset_event_pending = False          # TRANSPORT_RESET owed (a restore)
         # Set by the builder: start/stop the I/O thread watching backend.fd.
         self.watch_backend: Callable[[bool], None] = lambda on: None
