@@ -1,4 +1,5 @@
-"""`pyvmm` command line: run a VM, build or locate the default guest.
+"""`pyvmm` command line: run a VM, build or locate the default guest; exec, cp and
+sandbox (pyvmm.cli_sandbox) reach a guest's agent.
 
 Errors are one line on stderr and a non-zero status, never a traceback.
 """
@@ -80,6 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     vm_flags.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC][,id=NAME]",
                           help="a virtio-net interface on a TAP device (repeatable)")
     vm_flags.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    vm_flags.add_argument("--vsock", default=None, metavar="cid=N,uds=PATH[,id=NAME]",
+                          help="a virtio-vsock device; host programs reach the guest through "
+                               "the Unix socket PATH (Firecracker's CONNECT protocol), and "
+                               "the guest's agent through `pyvmm exec --vsock PATH`")
     vm_flags.add_argument("--bzimage", action="store_true",
                           help="with the built-in guest, boot its bzImage instead of the PVH "
                                "vmlinux")
@@ -97,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--disk-override", action="append", default=[], metavar="ID=PATH",
                          help="restore drive ID on the image PATH, a copy of the snapshot's "
                               "(repeatable)")
+    restore.add_argument("--vsock-override", default=None, metavar="UDS_PATH",
+                         help="the restored vsock device listens on UDS_PATH instead of the "
+                              "snapshot's")
     restore.add_argument("--paused", action="store_true",
                          help="stay paused after loading (resume through the API)")
     restore.add_argument("--clock-realtime", action="store_true",
@@ -141,6 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build = guest_sub.add_parser("build", help="build it unless cached (minutes)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs, system_map")
+
+    from pyvmm import cli_sandbox
+    cli_sandbox.add_parsers(sub, _Parser, parse_mem)
     return parser
 
 
@@ -190,7 +201,8 @@ def parse_net(text: str, index: int):
     return NetworkInterface.from_json(body, f"--net {text}")
 
 
-VM_FLAGS = ("kernel", "initrd", "cmdline", "mem", "cpus", "disk", "net", "rng", "bzimage")
+VM_FLAGS = ("kernel", "initrd", "cmdline", "mem", "cpus", "disk", "net", "rng", "vsock",
+            "bzimage")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -202,17 +214,23 @@ def spec_from_args(args: argparse.Namespace):
             raise PyvmmError(f"{', '.join(given)} cannot be combined with --config-file: the "
                              "config file describes the whole VM")
         return VmSpec.from_file(args.config_file)
+    vsock = None
+    if args.vsock is not None:                 # a bad flag is an error before any build
+        from pyvmm.config import Vsock
+        vsock = Vsock.from_cli(args.vsock)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         guest = _default_guest(build=True)
         kernel = guest.bzimage if args.bzimage else guest.vmlinux
         initrd = initrd or guest.initramfs
-    return VmSpec.build(kernel=kernel, initrd=initrd, cmdline=args.cmdline or "",
+    spec = VmSpec.build(kernel=kernel, initrd=initrd, cmdline=args.cmdline or "",
                         vcpus=1 if args.cpus is None else args.cpus,
                         mem_mib=256 if args.mem is None else args.mem,
                         drives=[parse_disk(text, i) for i, text in enumerate(args.disk)],
                         nets=[parse_net(text, i) for i, text in enumerate(args.net)],
                         rng=args.rng)
+    spec.vsock = vsock
+    return spec
 
 
 def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
@@ -297,7 +315,7 @@ def load_request_from_args(args: argparse.Namespace):
     wants = args.restore is not None or args.snapshot is not None
     restore_only = {"snapshot_mem": "--snapshot-mem", "uffd": "--uffd",
                     "net_override": "--net-override", "disk_override": "--disk-override",
-                    "paused": "--paused",
+                    "vsock_override": "--vsock-override", "paused": "--paused",
                     "clock_realtime": "--clock-realtime",
                     "track_dirty_pages": "--track-dirty-pages"}
     if not wants:
@@ -333,7 +351,8 @@ def load_request_from_args(args: argparse.Namespace):
     return LoadRequest(str(state), str(backend_path), backend_type, args.track_dirty_pages,
                        not args.paused, pairs("--net-override", args.net_override, "TAP"),
                        args.clock_realtime,
-                       pairs("--disk-override", args.disk_override, "PATH"))
+                       pairs("--disk-override", args.disk_override, "PATH"),
+                       vsock_override=args.vsock_override)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -441,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_api(args)
         if args.command == "snapshot":
             return cmd_snapshot(args)
+        if args.command in ("exec", "cp", "sandbox"):
+            from pyvmm import cli_sandbox
+            return getattr(cli_sandbox, f"cmd_{args.command}")(args)
         return cmd_guest(args)
     except PyvmmError as exc:
         print(f"pyvmm: error: {exc}", file=sys.stderr)
