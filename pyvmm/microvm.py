@@ -91,10 +91,12 @@ class MicroVM(Closeable):
                  drives: list = (), nets: list = (), rng: bool = False,  # type: ignore
                  serial_out_path: str | os.PathLike | None = None,
                  console: str = "none", vm_id: str = DEFAULT_ID,
-                 track_dirty_pages: bool = False, spec: VmSpec | None = None) -> None:
+                 track_dirty_pages: bool = False, vsock: Any = None,
+                 spec: VmSpec | None = None) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
-        guest's output also goes: none (default), stdio or file:PATH."""
+        guest's output also goes: none (default), stdio or file:PATH.  vsock: a
+        pyvmm.config.Vsock or its JSON ({"guest_cid": 3, "uds_path": PATH})."""
         if spec is None:
             if kernel is None:
                 from pyvmm import builtin_guest
@@ -108,6 +110,9 @@ class MicroVM(Closeable):
                                 drives=drives, nets=nets, rng=rng,
                                 serial_out_path=serial_out_path)
             spec.machine_config.track_dirty_pages = track_dirty_pages
+            if vsock is not None:
+                from pyvmm.config import Vsock
+                spec.vsock = vsock if isinstance(vsock, Vsock) else Vsock.from_json(vsock)
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vm_id):
             raise MicroVMError(f"instance id {vm_id!r} is invalid: use 1 to 64 letters, digits "
                                "or dashes")
@@ -345,18 +350,21 @@ class MicroVM(Closeable):
                 *, backend_type: str = "File", resume: bool = True,
                 track_dirty_pages: bool = False, network_overrides: dict | None = None,
                 drive_overrides: dict | None = None, clock_realtime: bool = False,
+                vsock_override: str | os.PathLike | None = None,
                 **options: Any) -> "MicroVM":
         """A microVM from a snapshot (options as for MicroVM()); mem_file_path is the
         memory file, or with backend_type="Uffd" the page-fault handler's socket.
         network_overrides: iface_id -> TAP; drive_overrides: drive_id -> image (a copy
-        of the snapshot's); clock_realtime: the guest's clock jumps to the present."""
+        of the snapshot's); clock_realtime: the guest's clock jumps to the present;
+        vsock_override: the Unix socket of the vsock device instead of the snapshot's."""
         from pyvmm.snapshot import LoadRequest
         vm = cls.unconfigured(**options)
         try:
             vm.load_snapshot(LoadRequest(
                 os.fspath(snapshot_path), os.fspath(mem_file_path), backend_type,
                 track_dirty_pages, resume, dict(network_overrides or {}), clock_realtime,
-                {k: os.fspath(v) for k, v in (drive_overrides or {}).items()}))
+                {k: os.fspath(v) for k, v in (drive_overrides or {}).items()},
+                vsock_override=os.fspath(vsock_override) if vsock_override else None))
         except BaseException:
             vm.close()
             raise
@@ -428,6 +436,38 @@ class MicroVM(Closeable):
         if not self._ended.wait(timeout):
             return None
         return self.result
+
+    # -- the guest agent (pyvmm-agent, over vsock) ------------------------------------------
+
+    def agent(self, port: int = 1024, timeout: float = 10.0):
+        """A pyvmm.agent.client.AgentClient for the guest's agent, through this VM's vsock
+        device (Firecracker's CONNECT protocol on its uds_path); AgentError if no agent
+        answers within timeout seconds."""
+        from pyvmm.agent.client import Agent
+        vsock = self.spec.vsock
+        if vsock is None:
+            raise MicroVMError("this microVM has no vsock device, so no guest agent can be "
+                               "reached: configure one (vsock=, --vsock or PUT /vsock)")
+        self._running_vm()
+        return Agent.over_vsock(vsock.uds_path, port, connect_timeout=timeout,
+                                      alive=lambda: self._state != EXITED)
+
+    def exec(self, argv: list[str], **options: Any):
+        """Run argv in the guest through its agent, to the end: an ExecResult with stdout,
+        stderr and exit_code (options: env, cwd, stdin, timeout, pty)."""
+        return self.agent().exec(list(argv), **options)
+
+    def exec_stream(self, argv: list[str], **options: Any):
+        """Start argv in the guest and stream it (the agent client's Process)."""
+        return self.agent().start(list(argv), **options)
+
+    def write_file(self, path: str, data: Any, mode: int = 0o644) -> None:
+        """Write a guest file (bytes or a binary file object), parent directories made."""
+        self.agent().put_file(path, data, mode=mode, mkdirs=True)
+
+    def read_file(self, path: str, out: Any = None) -> bytes | None:
+        """A guest file's bytes (or, given out, streamed into that binary file)."""
+        return self.agent().get_file(path, out)
 
     @property
     def stats(self) -> dict:

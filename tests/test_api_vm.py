@@ -14,6 +14,7 @@ pyvmm.config.VmSpec, the one model the VM is built from.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from pyvmm.config import DEFAULT_BOOT_ARGS
 from tests.framework.api import CheckedClient
 from tests.framework.microvm import BOOT_TIMEOUT, INIT_MARKER, run_in_shell
-from tests.framework.process import Process
+from tests.framework.process import Process, pyvmm_command
 
 pytestmark = pytest.mark.kvm
 
@@ -137,7 +138,11 @@ def test_linux_through_the_api_configure_start_pause_resume_ctrl_alt_del(tmp_pat
     with CheckedClient(str(sock)) as api:
         replay(api, config)
         api.call("PUT", "/metrics", {"metrics_path": str(metrics)}, 204)
+        # a real virtio-vsock device: the busybox /init starts the agent for it
+        vsock = {"guest_cid": 3, "uds_path": str(tmp_path / "vsock.sock")}
+        api.call("PUT", "/vsock", vsock, 204)
         exported = api.payload("GET", "/vm/config", expect=200)
+        assert exported["vsock"] == vsock
         assert exported["boot-source"] == config["boot-source"]
         assert exported["machine-config"] == {**config["machine-config"], "smt": False,
                                               "track_dirty_pages": False, "huge_pages": "None"}
@@ -164,6 +169,14 @@ def test_linux_through_the_api_configure_start_pause_resume_ctrl_alt_del(tmp_pat
         guest_elapsed = float(uptime_after.split()[0]) - float(uptime_before.split()[0])
         print(f"across a 3 s pause: guest clock +{guest_elapsed:.2f} s, host +{host_elapsed:.2f} s")
         assert 0 <= guest_elapsed <= host_elapsed + 1.0
+        # `pyvmm exec --api-sock` finds the vsock socket through GET /vm/config and runs a
+        # command through the guest's agent: its output, its stderr and its exit code
+        executed = subprocess.run(
+            pyvmm_command() + ["exec", "--api-sock", str(sock), "--connect-timeout", "120",
+                               "--", "sh", "-c", "uname -s; echo to-stderr >&2; exit 7"],
+            capture_output=True, timeout=300)
+        assert (executed.stdout, executed.stderr, executed.returncode) == \
+            (b"Linux\n", b"to-stderr\n", 7), executed.stderr
         api.call("PUT", "/actions", {"action_type": "FlushMetrics"}, 204)
         line = json.loads(metrics.read_text().splitlines()[-1])
         assert sum(sum(v["exits"].values()) for v in line["vcpus"]) > 0
