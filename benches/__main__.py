@@ -21,9 +21,10 @@ BENCHMARKS: dict[str, str] = {
     "blk": "benches.blk",
     "net": "benches.net",
     "snapshot": "benches.snapshot",
+    "sandbox": "benches.sandbox",
 }
 # Benchmarks that boot Linux (minutes each on KVM PVM); --quick skips them.
-SLOW = {"boot", "blk", "net", "snapshot"}
+SLOW = {"boot", "blk", "net", "snapshot", "sandbox"}
 
 
 def load(name: str) -> ModuleType:
