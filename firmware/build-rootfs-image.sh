@@ -19,9 +19,14 @@ die() { echo "build-rootfs-image: error: $*" >&2; exit 1; }
 [ -f "$tree" ] || die "no tree tarball at $tree"
 [ -f "$agent" ] || die "no agent binary at $agent"
 command -v mke2fs >/dev/null || die "mke2fs not found: apt-get install e2fsprogs"
-
 # mke2fs -d copies owners, modes and device numbers from the directory, so the
-# tree is unpacked and imaged in one fakeroot session when we are not root.
+# tree is unpacked and imaged in one fakeroot session when we are not root
+# (where `id -u` says 0: this runs once more, inside it).
+if [ "$(id -u)" != 0 ]; then
+    command -v fakeroot >/dev/null || die "fakeroot not found: apt-get install fakeroot"
+    exec fakeroot -- "$0" "$@"
+fi
+
 image() {
     local tree=$1 agent=$2 out=$3 dir=$4
     tar -C "$dir" -xpf "$tree" --numeric-owner
@@ -41,12 +46,6 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/pyvmm-rootfs.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/root"
 step "unpacking $tree, adding $agent, mke2fs -d"
-if [ "$(id -u)" = 0 ]; then
-    image "$tree" "$agent" "$out.tmp" "$work/root"
-else
-    command -v fakeroot >/dev/null || die "fakeroot not found: apt-get install fakeroot"
-    export -f image
-    fakeroot bash -c 'image "$@"' _ "$tree" "$agent" "$out.tmp" "$work/root"
-fi
+image "$tree" "$agent" "$out.tmp" "$work/root"
 mv -f "$out.tmp" "$out"
 step "done: $(du -k --apparent-size "$out" | cut -f1) KiB image ($(du -sk "$work/root" | cut -f1) KiB of files) $out"
