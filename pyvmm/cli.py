@@ -144,7 +144,8 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("diff_state", type=Path, metavar="DIFF_STATE")
     merge.add_argument("diff_mem", type=Path, metavar="DIFF_MEM")
 
-    guest = sub.add_parser("guest", help="the built-in guest kernel and initramfs")
+    guest = sub.add_parser("guest", help="the built-in guest: kernel, initramfs, agent, and "
+                                            "the sandbox root file system")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
     build = guest_sub.add_parser("build", help="build it unless cached (minutes)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -157,7 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _default_guest(build: bool):
     from pyvmm import builtin_guest
-    return builtin_guest.ensure_guest(progress=True) if build else builtin_guest.find_guest()
+    # `pyvmm run` needs no sandbox root file system: never download Debian for it.
+    return builtin_guest.ensure_guest(progress=True, rootfs=False) if build \
+        else builtin_guest.find_guest()
 
 
 # -- the syntax of --disk and --net (the model itself is pyvmm.config) --------------------

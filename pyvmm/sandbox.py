@@ -54,13 +54,19 @@ DEFAULT_VCPUS = 1
 ROOTFS_DRIVE = "rootfs"
 ROOTFS_CMDLINE = "pyvmm.rootfs=/dev/vda"
 # Bumped when what a template holds changes in a way its key cannot see.
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 # KVM PVM: ~45-90 s for the guest to boot and start its agent, minutes on a loaded
 # machine; hardware KVM: well under a second.
 TEMPLATE_BOOT_TIMEOUT = float(os.environ.get("PYVMM_BOOT_TIMEOUT", 1200))
 # How long a restored sandbox's agent has to answer (it was answering when snapshotted).
 RESTORE_AGENT_TIMEOUT = 30.0
 RESEED_BYTES = 64
+# Run in the template before it is snapshotted, so that what nearly every sandbox runs
+# first (the shell, the C library, python3 and its start-up modules) is in the guest's
+# page cache in the snapshot, read from its disk once instead of once per sandbox.
+# On KVM PVM hosts this halves a sandbox's first `sh -c` and `python3` (7.5 -> 3.7 s,
+# 34 -> 19 s measured).
+WARM_UP = (["/bin/sh", "-c", "true"], ["python3", "-c", "import json, os, subprocess"])
 
 
 class SandboxError(PyvmmError):
@@ -164,7 +170,8 @@ def _make_template(template: Template, mem_mib: int, vcpus: int, network: bool,
         with MicroVM(spec=spec) as vm:
             vm.start()
             agent = _agent(spec.vsock.uds_path, TEMPLATE_BOOT_TIMEOUT, vm)
-            agent.health()
+            for command in WARM_UP:
+                agent.exec(command, timeout=TEMPLATE_BOOT_TIMEOUT)
             vm.pause()
             vm.snapshot(tmp / "vm.state", tmp / "vm.mem")
         if log:
@@ -233,10 +240,15 @@ class Sandbox(Closeable):
                     template.state_path, template.mem_path, vsock_override=self.uds_path,
                     network_overrides={"eth0": self.tap} if self.tap else None,
                     clock_realtime=True)
-                self._agent = _agent(self.uds_path, RESTORE_AGENT_TIMEOUT, self.vm)
-                # The guest's clock and RNG are the template's copies.
-                self._agent.set_time()
-                self._agent.reseed(RESEED_BYTES)
+                # The agent was answering when the template was taken: the first
+                # connection (retried while the restored guest settles) sends it the
+                # time and entropy, as the guest's clock and RNG are the template's copies.
+                from pyvmm.agent.client import Agent, connect_vsock_uds
+                uds = self.uds_path
+                self._agent = Agent(lambda: connect_vsock_uds(uds, AGENT_PORT, RESTORE_AGENT_TIMEOUT))
+                with self._agent.client() as client:
+                    client.set_time()
+                    client.reseed(RESEED_BYTES)
             if self.lifetime is not None:
                 self._timer = threading.Timer(self.lifetime, self._expire)
                 self._timer.daemon = True

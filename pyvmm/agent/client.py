@@ -546,8 +546,19 @@ class Agent:
                                      f"{port}") from exc
 
     def client(self) -> AgentClient:
-        """A connection of its own, greeted: close it (or use `with`) when done."""
-        return AgentClient.connect(self.connector, self.timeout)
+        """A connection of its own, greeted: close it (or use `with`) when done.
+
+        A connection the guest drops before its HELLO is tried again (HELLO changes
+        nothing): right after a snapshot restore, the guest handles the transport reset
+        event, which drops every connection it has, possibly just after accepting ours."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return AgentClient.connect(self.connector, self.timeout)
+            except AgentError as exc:
+                if "closed the connection" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(CONNECT_RETRY_INTERVAL)
 
     def exec(self, argv: Sequence[str] | str, **options: object) -> ExecResult:
         """AgentClient.exec on a connection of its own (max_output defaults to the Agent's)."""
