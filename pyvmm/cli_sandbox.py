@@ -205,7 +205,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     cpus = args.cpus or DEFAULT_VCPUS
     log = lambda text: print(f"pyvmm: {text}", file=sys.stderr)   # noqa: E731
     if args.sandbox_command == "prepare":
-        template = ensure_template(mem, cpus, args.tap is not None, log)
+        template = ensure_template(mem, cpus, args.tap, log)
         print(template.directory)
         return 0
     _command(args)                       # a missing command is an error before any boot

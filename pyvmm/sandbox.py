@@ -138,9 +138,12 @@ def sandbox_spec(mem_mib: int, vcpus: int, uds_path: str, tap: str | None):
 
 
 def ensure_template(mem_mib: int = DEFAULT_MEM_MIB, vcpus: int = DEFAULT_VCPUS,
-                    network: bool = False, log=None) -> Template:
+                    tap: str | None = None, log=None) -> Template:
     """The cached template for this shape, made first if needed (one cold boot).
-    Processes that want the same template at once wait for the one making it."""
+    With tap, the template has a network interface, booted on that TAP device (the
+    sandboxes restored from it each override it with their own).  Processes that want
+    the same template at once wait for the one making it."""
+    network = tap is not None
     template = Template(template_dir(mem_mib, vcpus, network))
     if template.exists():
         return template
@@ -149,20 +152,17 @@ def ensure_template(mem_mib: int = DEFAULT_MEM_MIB, vcpus: int = DEFAULT_VCPUS,
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not template.exists():
-            _make_template(template, mem_mib, vcpus, network, log)
+            _make_template(template, mem_mib, vcpus, tap, log)
     return template
 
 
-def _make_template(template: Template, mem_mib: int, vcpus: int, network: bool,
+def _make_template(template: Template, mem_mib: int, vcpus: int, tap: str | None,
                    log) -> None:
     from pyvmm.microvm import MicroVM
     tmp = Path(tempfile.mkdtemp(prefix=f".{template.directory.name}.",
                                 dir=template.directory.parent))
     try:
-        # The TAP of a networked template is a placeholder name: every sandbox
-        # overrides it with its own (network_overrides).
-        spec = sandbox_spec(mem_mib, vcpus, str(tmp / "vsock.sock"),
-                            "pyvmm-sbx0" if network else None)
+        spec = sandbox_spec(mem_mib, vcpus, str(tmp / "vsock.sock"), tap)
         if log:
             log(f"making the sandbox template ({mem_mib} MiB, {vcpus} vCPU): one cold "
                 "boot, cached for every sandbox after it")
@@ -234,8 +234,7 @@ class Sandbox(Closeable):
                 self.vm.start()
                 self._agent = _agent(self.uds_path, TEMPLATE_BOOT_TIMEOUT, self.vm)
             else:
-                template = ensure_template(self.mem_mib, self.vcpus, self.tap is not None,
-                                           self._log)
+                template = ensure_template(self.mem_mib, self.vcpus, self.tap, self._log)
                 self.vm = MicroVM.restore(
                     template.state_path, template.mem_path, vsock_override=self.uds_path,
                     network_overrides={"eth0": self.tap} if self.tap else None,

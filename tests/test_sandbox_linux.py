@@ -42,6 +42,8 @@ def sandbox(template):
 def test_python_in_a_sandbox_prints_45_and_the_clock_is_the_hosts(sandbox):
     r = sandbox.run("python3 -c 'print(sum(range(10)))'")
     assert (r.stdout, r.stderr, r.returncode) == (b"45\n", b"", 0)
+    # no network unless asked for: the loopback interface only
+    assert sandbox.run("ls /sys/class/net").stdout.split() == [b"lo"]
     # the restore sent the agent the present time: the guest's clock is not the template's
     guest_now = int(sandbox.run(["date", "+%s"]).stdout)
     assert abs(guest_now - time.time()) < 30
@@ -261,3 +263,17 @@ def test_pyvmm_exec_and_cp_reach_a_running_sandbox(sandbox, tmp_path):
     r = subprocess.run(cli + ["exec", "--vsock", sandbox.uds_path, "-i", "--", "wc", "-c"],
                        input=b"x" * 1000, capture_output=True, timeout=120)
     assert r.stdout.strip() == b"1000"
+
+
+def test_a_sandbox_asked_for_a_network_gets_an_interface_on_its_tap(template, tmp_path):
+    from pyvmm.sandbox import Sandbox
+    from tests.framework.netns import NetNamespace
+    netns = NetNamespace(f"pyvmm-sbx-{os.getpid()}", tap="sbxtap0")
+    try:
+        with netns.entered():
+            sb = Sandbox(tap=netns.tap)            # its own template, with an interface
+        with sb:
+            assert sb.run("ls /sys/class/net").stdout.split() == [b"eth0", b"lo"]
+            assert sb.vm.spec.network_interfaces["eth0"].host_dev_name == netns.tap
+    finally:
+        netns.delete()
