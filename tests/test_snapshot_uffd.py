@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import ctypes
 import fcntl
+import gc
 import json
 import mmap
 import os
@@ -63,6 +64,9 @@ def eventually(condition, timeout: float = 5.0) -> bool:
 
 
 def open_fds() -> set[str]:
+    # Objects an earlier test dropped without closing are finalized by the garbage
+    # collector whenever it runs, closing their fds: let that happen before counting.
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
