@@ -16,11 +16,17 @@ other than busybox: 0 of 40.  The guest's own reports (dmesg: ip, fault
 address) are printed at the end.  One VM at a time: the restored one replaces
 the booted one.
 
-What the crash is (see the report of issue 15's TLS helper): glibc's
-__ctype_init reads a TLS word copied from busybox's .tdata image and finds 0 or
-another page's bytes; the FS base is right (MSR, thread.fsbase, selector 0,
-TCB self pointer all agree) and the kernel reads the same wrong bytes through
-the page tables, so the process's TLS block really holds wrong data.
+What the crash is (issue 15, TLS helper's report): glibc's __ctype_init reads a
+TLS word copied from busybox's .tdata image and finds 0 or another process's
+bytes.  The FS base is right (MSR, thread.fsbase, selector 0 and the TCB self
+pointer agree), the .tdata source is right, and the kernel reads the same wrong
+bytes in the TLS block: memcpy stored wrong register contents.  On KVM PVM guest
+ring 3 runs natively with the host's CPUID and XCR0, so glibc picks its AVX2 /
+EVEX (ymm16-31) string functions, but the guest kernel runs with noxsave and
+context-switches only the FXSAVE state (x87, xmm0-15): a task switched out in
+the middle of memcpy -- e.g. at the page fault of its first store into a fresh
+brk page -- comes back with another process's ymm/zmm bits.  --no-avx (glibc
+tunables that turn AVX off) takes it to 0 (0 of 25 pipelines vs 1-4 of 20).
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ from tests.framework.microvm import MicrovmFactory, run_in_shell
 LOOP = ("i=0; while [ $i -lt {n} ]; do echo x | busybox cat | busybox tr x y >/dev/null; "
         "i=$((i+1)); done; echo LOOP-DONE")
 SEGFAULT_REPORT = "Segmentation fault"
+# glibc (2.36) tunables that keep its string functions off the AVX/AVX-512 registers.
+NO_AVX_TUNABLES = ("glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,"
+                   "-AVX512CD,-FMA,-FMA4,-AVX_Fast_Unaligned_Load")
 # The snapshot tests' counter, minus the disk: keeps the scheduler switching.
 COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /tmp/count; if [ $((i % 5)) = 0 ]; "
            "then echo C$i | dd of=/dev/null bs=512 conv=sync,fsync 2>/dev/null; fi; "
@@ -95,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background", default=COUNTER,
                         help="a shell command started in the background first (default: "
                              "a counting loop that keeps the scheduler busy; '' for none)")
+    parser.add_argument("--no-avx", action="store_true",
+                        help=f"export GLIBC_TUNABLES={NO_AVX_TUNABLES} in the guest shell "
+                             "and the background loop first")
     parser.add_argument("--run", action="append", default=[],
                         help="a shell command to run (and print) after the exec loop")
     args = parser.parse_args(argv)
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_in_shell(vm, "true")
                 print(f"every page written before resuming ({time.monotonic() - started:.1f} s)")
             print("restored", flush=True)
+        if args.no_avx:
+            run_in_shell(vm, f"export GLIBC_TUNABLES={NO_AVX_TUNABLES}")
         if args.background:
             vm.serial.write(f"({args.background}) >/dev/null 2>&1 &\n")
         counts = measure(vm, args.execs, args.rounds) if args.execs else []
