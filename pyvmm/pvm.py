@@ -21,6 +21,8 @@ instruction.  Everything pyvmm knows about it lives here:
   without firmware/kernel/patches/0001-pvm-syscall-fixup.patch boots to /init,
   whose first system call then kills it (DEAD_INIT_HINT explains that).
 - Guest ring 3 runs with IOPL 0 whatever RFLAGS says: ring-3 in/out fault.
+- Guest ring 3 sees the host's AVX while the guest kernel (noxsave) does not switch
+  its state: glibc is told not to use it (GLIBC_NO_AVX).
 
 On hardware KVM none of this applies and nothing here is used.
 """
@@ -39,9 +41,19 @@ if TYPE_CHECKING:
 # The kvm_pvm module registers this directory.
 PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
 
+# glibc in guest user mode must not use AVX: ring 3 sees the host's CPUID and XCR0, so
+# glibc picks its AVX2/EVEX string routines, but the guest kernel (booted with noxsave)
+# saves only x87 and xmm0-15 on a task switch.  A process switched out inside memcpy
+# came back with another's ymm/zmm registers: its TLS block got garbage and it
+# segfaulted at its first TLS read (~1 in 10 execs with other processes busy; 0 in 25
+# with this, scripts/pvm_tls_repro.py).  The kernel hands an unknown NAME=value
+# parameter to init as environment, so every process inherits it (the guest agent
+# passes it on to its commands).  Code that picks AVX by itself is not covered.
+GLIBC_NO_AVX = ("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,"
+                "-AVX512DQ,-AVX512CD,-FMA,-FMA4,-AVX_Fast_Unaligned_Load")
 # Kernel parameters that keep the guest off the instructions PVM cannot emulate.
 KERNEL_PARAMS = ("noxsave nofsgsbase noinvpcid nopcid "
-                 "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,rdpid")
+                 "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,rdpid " + GLIBC_NO_AVX)
 
 # KVM's paravirt leaf (Documentation/virt/kvm/x86/cpuid.rst).
 KVM_CPUID_FEATURES = 0x40000001

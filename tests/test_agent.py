@@ -573,3 +573,22 @@ def test_agent_exec_bounds_the_output_it_keeps(agent):
     with pytest.raises(AgentError, match="more than"):
         shared.exec("head -c 5000000 /dev/zero")
     assert shared.exec("echo fine").stdout == b"fine\n"
+
+
+def test_commands_inherit_glibc_tunables_from_the_agents_environment(agent_binary, tmp_path):
+    """On KVM PVM hosts the VMM puts GLIBC_TUNABLES on the kernel command line (glibc must
+    not use AVX there, pyvmm.pvm); the kernel hands it to init, and the agent must pass
+    it on to every command although it gives them a clean environment."""
+    path = str(tmp_path / "tunables.sock")
+    proc = subprocess.Popen([str(agent_binary), "--unix", path], stdout=subprocess.PIPE,
+                            env={"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2", "SECRET": "no"})
+    try:
+        assert proc.stdout.readline().startswith(b"PYVMM-AGENT-READY")
+        with AgentClient.connect(lambda: connect_unix(path)) as client:
+            env = client.exec(["/usr/bin/env"]).stdout.decode().splitlines()
+        assert "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2" in env
+        assert not any(line.startswith("SECRET=") for line in env)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

@@ -411,12 +411,40 @@ static void exec_child(char **argv, char **envp, const char *cwd, int in, int ou
     _exit(code);
 }
 
+/* Variables a command inherits from the agent's own environment, where the kernel put
+ * them from the kernel command line: on KVM PVM hosts pyvmm sets GLIBC_TUNABLES there to
+ * keep glibc off AVX, whose register state a guest booted with noxsave never switches
+ * (pyvmm/pvm.py). */
+static const char *const inherited[] = {"GLIBC_TUNABLES"};
+
+/* The environment every command starts from, its own env TLVs added on top: a clean
+ * PATH and HOME (TERM with a pty), and the inherited variables that are set. */
+static int default_env(const char **out, int pty)
+{
+    int n = 0;
+    out[n++] = "PATH=" DEFAULT_PATH;
+    out[n++] = "HOME=/root";
+    if (pty)
+        out[n++] = "TERM=xterm";
+    for (size_t k = 0; k < sizeof inherited / sizeof *inherited; k++) {
+        size_t klen = strlen(inherited[k]);
+        for (char **v = environ; v != NULL && *v != NULL; v++) {
+            if (strncmp(*v, inherited[k], klen) == 0 && (*v)[klen] == '=') {
+                out[n++] = *v;
+                break;
+            }
+        }
+    }
+    return n;
+}
+
 /* Copy argv and env TLVs into one block of C strings: argv[], NULL, envp[], NULL. */
 static char **exec_vectors(char ***envp_out, int pty)
 {
-    int nargv = 0, nenv = 0, ndefaults = pty ? 3 : 2;
+    int nargv = 0, nenv = 0;
     size_t bytes = 0;
-    static const char *defaults[] = {"PATH=" DEFAULT_PATH, "HOME=/root", "TERM=xterm"};
+    const char *defaults[3 + sizeof inherited / sizeof *inherited];
+    int ndefaults = default_env(defaults, pty);
     for (int i = 0; i < nfields; i++) {
         if (fields[i].tag == T_ARGV)
             nargv++;
