@@ -154,8 +154,7 @@ def test_a_pattern_written_raw(vm):
 
 def zeros_read_back(vm, at: int, length: int) -> bool:
     """Whether the guest reads [at, at+length) of /dev/vdb as zeros (4 KiB aligned)."""
-    # One process (od folds repeated lines into "*"), not a pipeline: on KVM PVM a
-    # guest process now and then dies of a stale TLS base, and each one is a chance.
+    # od folds repeated lines into "*".
     out = run_in_shell(vm, f"od -An -tx1 -j {at} -N {length} /dev/vdb", timeout=SLOW)
     words = out.split()
     return "00" in words and set(words) <= {"00", "*"}
@@ -181,9 +180,7 @@ def test_the_read_only_disk_refuses_writes(vm):
 
 
 def test_hwrng_gives_random_bytes(vm):
-    # One process, not a pipeline: on KVM PVM hosts guest processes now and then
-    # start with a stale TLS base and segfault (PVM, not virtio-rng: /dev/urandom
-    # does the same there, SVM never), and each extra process is another chance.
+    # One process reads /dev/hwrng and prints it.
     out = run_in_shell(vm, "od -An -tx1 -N32 /dev/hwrng")
     hexdigits = "".join(re.findall(r"\b[0-9a-f]{2}\b", out))
     assert len(hexdigits) == 64 and hexdigits != "0" * 64, out
