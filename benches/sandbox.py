@@ -149,9 +149,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ["`exec true` round trip (ms)", rtt.format(".1f"), "", ""],
         ["agent round trip, no process (HEALTH) (ms)",
          harness.Stats.of(running["health_rtt_ms"]).format(".1f"), "", ""],
-        ["upload (MB/s)", f"{running['upload_mb_s']:.0f}", "", ""],
-        ["download (MB/s)", f"{running['download_mb_s']:.0f}", "", ""],
-        ["command output (MB/s)", f"{running['output_mb_s']:.0f}", "", ""],
+        ["upload (MB/s)", f"{running['upload_mb_s']:.2f}", "", ""],
+        ["download (MB/s)", f"{running['download_mb_s']:.2f}", "", ""],
+        ["command output (MB/s)", f"{running['output_mb_s']:.2f}", "", ""],
         [f"PSS per idle sandbox, {len(pss)} at once (MiB)",
          f"{statistics.median(pss):.1f} [{min(pss):.1f}-{max(pss):.1f}]", "", ""],
     ]
