@@ -107,6 +107,11 @@ class Health:
     connections: int
 
 
+def shell_status(exit_code: int | None, signal: int | None) -> int:
+    """As a shell reports a command's end: its exit code, or 128 + the signal that ended it."""
+    return exit_code if exit_code is not None else 128 + (signal or 0)
+
+
 @dataclass(frozen=True)
 class ExitStatus:
     """How a command ended: exit_code, or the signal that terminated it."""
@@ -118,7 +123,7 @@ class ExitStatus:
     @property
     def returncode(self) -> int:
         """Shell style: the exit code, or 128 + the terminating signal."""
-        return self.exit_code if self.exit_code is not None else 128 + (self.signal or 0)
+        return shell_status(self.exit_code, self.signal)
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ExecResult:
     @property
     def returncode(self) -> int:
         """Shell style: the exit code, or 128 + the terminating signal."""
-        return self.exit_code if self.exit_code is not None else 128 + (self.signal or 0)
+        return shell_status(self.exit_code, self.signal)
 
 
 Event = tuple[str, object]   # ("stdout", bytes), ("stderr", bytes) or ("exit", ExitStatus)
