@@ -85,7 +85,14 @@ def sh(vm, command: str, timeout: float = 120) -> str:
 
 
 def counter(vm) -> int:
-    return int(run_in_shell(vm, "read c < /tmp/count; echo $c").strip())
+    # The guest's loop rewrites the file (truncate, then write): a read between the two
+    # finds it empty, so read again (the count only grows).
+    for _ in range(20):
+        text = run_in_shell(vm, "read c < /tmp/count; echo $c").strip()
+        if text:
+            return int(text)
+        time.sleep(0.1)
+    raise AssertionError("the guest's counter file stayed empty")
 
 
 def local_interrupts(vm) -> list[int]:
@@ -237,6 +244,7 @@ def test_uffd_backend_restores_through_a_handler_process(snapshot, netns, tmp_pa
     handler = subprocess.Popen([sys.executable, "-m", "pyvmm.snapshot.uffd_handler",
                                 str(socket_path), str(snapshot["mem"])],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    vm = None
     try:
         deadline = time.monotonic() + 30
         while not socket_path.exists():
@@ -250,8 +258,11 @@ def test_uffd_backend_restores_through_a_handler_process(snapshot, netns, tmp_pa
         first = counter(vm)
         time.sleep(2)
         assert counter(vm) > first >= 3
-        vm.close()
     finally:
+        # The VM first: with its page-fault handler gone, its vCPUs would wait on
+        # userfaults for ever and its TAP would stay busy for the next test.
+        if vm is not None:
+            vm.close()
         handler.kill()
         handler.wait()
 
