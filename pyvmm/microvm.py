@@ -136,6 +136,7 @@ class MicroVM(Closeable):
         self._metrics = None                 # pyvmm.telemetry.MetricsWriter
         self._log_handler: logging.Handler | None = None
         self._closed = False
+        self._agents: dict = {}              # vsock port -> pyvmm.agent.client.Agent
         # Firecracker's boot_path: set by any configuration but the process's own
         # (logger, metrics, serial), whatever its values, even if it is refused.
         self._boot_path = False
@@ -440,17 +441,20 @@ class MicroVM(Closeable):
     # -- the guest agent (pyvmm-agent, over vsock) ------------------------------------------
 
     def agent(self, port: int = 1024, timeout: float = 10.0):
-        """A pyvmm.agent.client.AgentClient for the guest's agent, through this VM's vsock
-        device (Firecracker's CONNECT protocol on its uds_path); AgentError if no agent
-        answers within timeout seconds."""
+        """The pyvmm.agent.client.Agent of the guest's agent, through this VM's vsock
+        device (Firecracker's CONNECT protocol on its uds_path).  The first call waits up
+        to timeout seconds for the agent to answer (AgentError if it does not); later
+        calls reuse that Agent, which opens a connection per operation."""
         from pyvmm.agent.client import Agent
         vsock = self.spec.vsock
         if vsock is None:
             raise MicroVMError("this microVM has no vsock device, so no guest agent can be "
                                "reached: configure one (vsock=, --vsock or PUT /vsock)")
         self._running_vm()
-        return Agent.over_vsock(vsock.uds_path, port, connect_timeout=timeout,
-                                      alive=lambda: self._state != EXITED)
+        if port not in self._agents:
+            self._agents[port] = Agent.over_vsock(vsock.uds_path, port, connect_timeout=timeout,
+                                                  alive=lambda: self._state != EXITED)
+        return self._agents[port]
 
     def exec(self, argv: list[str], **options: Any):
         """Run argv in the guest through its agent, to the end: an ExecResult with stdout,

@@ -49,6 +49,16 @@ def test_python_in_a_sandbox_prints_45_and_the_clock_is_the_hosts(sandbox):
     assert abs(guest_now - time.time()) < 30
 
 
+def test_the_microvm_of_a_sandbox_runs_commands_and_moves_files_itself(sandbox):
+    vm = sandbox.vm                       # any MicroVM with vsock and the agent
+    assert vm.exec(["sh", "-c", "echo out; echo err >&2; exit 2"]).returncode == 2
+    assert vm.agent() is vm.agent()       # one Agent, waited for once
+    vm.write_file("/srv/from-microvm", b"bytes\0in")
+    assert vm.read_file("/srv/from-microvm") == b"bytes\0in"
+    events = list(vm.exec_stream(["echo", "streamed"]))
+    assert ("stdout", b"streamed\n") in events and events[-1][0] == "exit"
+
+
 def test_exit_codes_0_1_and_137_when_killed(sandbox):
     assert sandbox.run("true").returncode == 0
     assert sandbox.run("exit 1").returncode == 1
