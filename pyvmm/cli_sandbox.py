@@ -106,9 +106,11 @@ def _uds_path(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from pyvmm.agent.client import Agent
-    return Agent.over_vsock(_uds_path(args), args.port,
-                                  connect_timeout=args.connect_timeout)
+    """The agent, each connection retried for --connect-timeout while the guest is not
+    listening yet (one command needs no separate "is it up" round trip first)."""
+    from pyvmm.agent.client import Agent, connect_vsock_uds
+    uds_path, port, timeout = _uds_path(args), args.port, args.connect_timeout
+    return Agent(lambda: connect_vsock_uds(uds_path, port, timeout))
 
 
 def _command(args: argparse.Namespace) -> list[str]:
