@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +139,7 @@ def stream_command(start: Any, args: argparse.Namespace) -> int:
     process = start(_command(args), env=_environment(args), cwd=args.cwd,
                     timeout=args.timeout, pty=args.tty, stdin=args.interactive)
     if args.interactive:
-        threading.Thread(target=_forward_stdin, args=(process,), daemon=True).start()
+        process.feed_stdin(_stdin_chunks())
     out, err = sys.stdout.buffer, sys.stderr.buffer
     for kind, data in process:
         if kind == "stdout":
@@ -156,16 +155,10 @@ def stream_command(start: Any, args: argparse.Namespace) -> int:
     return result.returncode
 
 
-def _forward_stdin(process: Any) -> None:
-    try:
-        while True:
-            data = os.read(sys.stdin.fileno(), STDIN_CHUNK)
-            if not data:
-                break
-            process.write_stdin(data)
-        process.close_stdin()
-    except (OSError, PyvmmError):
-        pass                 # the command ended first: nobody to read the rest
+def _stdin_chunks():
+    """Our stdin as it comes (os.read returns what a pipe or terminal has), until EOF."""
+    while data := os.read(sys.stdin.fileno(), STDIN_CHUNK):
+        yield data
 
 
 # -- the commands ---------------------------------------------------------------------

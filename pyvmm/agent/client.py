@@ -411,6 +411,13 @@ class Process:
     def _feed_from(self, chunks: Iterator[bytes]) -> None:
         self._feed = chunks
 
+    def feed_stdin(self, chunks: Iterator[bytes]) -> None:
+        """Stream stdin from an iterator of chunks, pulled (in the thread that reads the
+        events) as the connection takes them, then closed.  The Process is not
+        thread-safe: this, not write_stdin() from another thread, is how stdin goes in
+        while the output is read."""
+        self._feed_from(chunks)
+
     def _send(self, data: bytes) -> None:
         if self.status is not None:
             return  # the command ended: stdin and signals have nobody to go to
