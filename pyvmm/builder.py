@@ -38,6 +38,7 @@ from pyvmm.layout import COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ, \
 from pyvmm.machine import Bus, Machine
 
 if TYPE_CHECKING:
+    from pyvmm.config import RateLimiterConfig
     from pyvmm.console import ConsoleCapture
     from pyvmm.kvm import Kvm
     from pyvmm.snapshot import OpenedSnapshot, SnapshotResult
@@ -161,6 +162,11 @@ class LinuxVm(Closeable):
             except BaseException:
                 device.close()
                 raise
+            wire = getattr(device, "wire_rate_limiters", None)
+            if wire is not None:
+                # Each limiter's timer is served on the I/O thread; when it fires,
+                # the queue it held back is served again through the transport.
+                wire(self.iothread.watch, self.virtio[name].notify)
             if isinstance(section, Vsock):
                 # The muxer's sockets and timers are served on the I/O thread.
                 device.watch_backend = functools.partial(  # type: ignore[attr-defined]
@@ -173,6 +179,14 @@ class LinuxVm(Closeable):
         if transport is None:
             raise VmError(f"there is no drive {drive_id!r}")
         transport.device.replace_backing(path)
+
+    def update_rate_limiter(self, device: str, which: str, update: "RateLimiterConfig") -> None:
+        """PATCH a device's rate limiter (`which`: rate_limiter, rx_rate_limiter or
+        tx_rate_limiter): the buckets update gives replace the device's."""
+        transport = self.virtio.get(device)
+        if transport is None:
+            raise VmError(f"there is no device {device!r}")
+        transport.device.update_rate_limiter(which, update)  # type: ignore[attr-defined]
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -299,16 +313,18 @@ def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice"
     module is imported only when a VM has such a device."""
     if isinstance(section, Drive):
         from pyvmm.devices.virtio.blk import Block
-        return Block(Path(section.path_on_host), section.is_read_only, serial=section.drive_id)
+        return Block(Path(section.path_on_host), section.is_read_only, serial=section.drive_id,
+                     rate_limiter=section.rate_limiter)
     if isinstance(section, NetworkInterface):
         from pyvmm.devices.virtio.net import Net, default_mac, parse_mac
         mac = parse_mac(section.guest_mac) if section.guest_mac else \
             default_mac(section.iface_id)
-        return Net(section.host_dev_name, mac)
+        return Net(section.host_dev_name, mac, rx_rate_limiter=section.rx_rate_limiter,
+                   tx_rate_limiter=section.tx_rate_limiter)
     from pyvmm.config import Entropy
     if isinstance(section, Entropy):
         from pyvmm.devices.virtio.rng import Rng
-        return Rng()
+        return Rng(rate_limiter=section.rate_limiter)
     if isinstance(section, Vsock):
         from pyvmm.devices.virtio.vsock import Vsock as VsockDevice
         from pyvmm.devices.vsock_uds import VsockMuxer

@@ -7,8 +7,8 @@ flags of `pyvmm run`, and the keyword arguments of pyvmm.microvm.MicroVM.
 Each section parses a JSON object strictly: unknown fields, wrong types and
 out-of-range values raise ConfigError with one sentence that names the field.
 A JSON null counts as "absent" for optional fields, as in Firecracker.  Fields
-that Firecracker has but pyvmm cannot honour yet (rate limiters, CPU
-templates, huge pages...) are accepted only at their default value; anything
+that Firecracker has but pyvmm cannot honour yet (CPU templates, huge
+pages, the serial console's rate limiter...) are accepted only at their default value; anything
 else is refused with a message that says "not supported yet".
 
 Imports run one way, as in Firecracker: the builder (pyvmm.builder) reads
@@ -160,6 +160,89 @@ def _output_path(where: str, what: str, path: str) -> str:
 
 # -- the sections ----------------------------------------------------------------------
 
+U64_MAX = (1 << 64) - 1
+NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TokenBucketConfig:
+    """One of a rate limiter's buckets (Firecracker's TokenBucket): at most `size`
+    tokens (bytes or operations), refilled from empty in `refill_time` ms, plus a
+    `one_time_burst` spent first that does not refill.  A size or refill_time of 0
+    disables the bucket, as in Firecracker (the way a PATCH removes a limit)."""
+    size: int
+    refill_time: int
+    one_time_burst: int | None = None
+
+    FIELDS = {"size": (int, True), "one_time_burst": (int, False), "refill_time": (int, True)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str) -> "TokenBucketConfig":
+        f = _object(where, body, cls.FIELDS)
+        for name, value in f.items():
+            if not 0 <= value <= U64_MAX:
+                raise ConfigError(f"{where}: {name} {value} is out of range: use 0 to "
+                                  f"{U64_MAX} (an unsigned 64-bit number)")
+        if f["refill_time"] * NS_PER_MS > U64_MAX:
+            # Firecracker silently disables such a bucket (its nanoseconds overflow):
+            # refuse it instead of limiting nothing.
+            raise ConfigError(f"{where}: refill_time {f['refill_time']} ms is too long: at "
+                              f"most {U64_MAX // NS_PER_MS}")
+        return cls(f["size"], f["refill_time"], f.get("one_time_burst"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and self.refill_time > 0
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"size": self.size}
+        if self.one_time_burst is not None:
+            out["one_time_burst"] = self.one_time_burst
+        out["refill_time"] = self.refill_time
+        return out
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    """A device's rate limiter (Firecracker's RateLimiter): a bandwidth bucket
+    (bytes) and an ops bucket (requests), each optional.  Served by
+    pyvmm.devices.rate_limiter."""
+    bandwidth: TokenBucketConfig | None = None
+    ops: TokenBucketConfig | None = None
+
+    FIELDS = {"bandwidth": (dict, False), "ops": (dict, False)}
+
+    @classmethod
+    def from_json(cls, body: Any, where: str) -> "RateLimiterConfig":
+        f = _object(where, body, cls.FIELDS)
+        return cls(*(TokenBucketConfig.from_json(f[name], f"{where}.{name}")
+                     if name in f else None for name in ("bandwidth", "ops")))
+
+    @classmethod
+    def optional(cls, fields: dict[str, Any], name: str,
+                 where: str) -> "RateLimiterConfig | None":
+        """fields[name] parsed, or None when absent; a limiter whose buckets are all
+        disabled is None too (what the VM runs with, and GET /vm/config shows)."""
+        if name not in fields:
+            return None
+        return cls.from_json(fields[name], f"{where}: {name}").effective()
+
+    def effective(self) -> "RateLimiterConfig | None":
+        """Only the enabled buckets; None if there are none."""
+        kept = [b if b is not None and b.enabled else None for b in (self.bandwidth, self.ops)]
+        return None if kept == [None, None] else RateLimiterConfig(*kept)
+
+    def patched(self, update: "RateLimiterConfig") -> "RateLimiterConfig | None":
+        """This limiter after a PATCH: each bucket the update gives replaces ours
+        (a zero one disables it); the ones it leaves out stay (Firecracker)."""
+        return RateLimiterConfig(update.bandwidth or self.bandwidth,
+                                 update.ops or self.ops).effective()
+
+    def to_json(self) -> dict:
+        return {name: bucket.to_json() for name, bucket in
+                (("bandwidth", self.bandwidth), ("ops", self.ops)) if bucket is not None}
+
+
 @dataclass
 class BootSource:
     kernel_image_path: str
@@ -237,13 +320,14 @@ class Drive:
     path_on_host: str
     is_root_device: bool = False
     is_read_only: bool = False
+    rate_limiter: RateLimiterConfig | None = None
 
     FIELDS = {"drive_id": (str, True), "path_on_host": (str, True),
               "is_root_device": (bool, True), "is_read_only": (bool, False),
               "partuuid": (str, False), "cache_type": (str, False), "io_engine": (str, False),
               "rate_limiter": (dict, False), "socket": (str, False)}
     UNSUPPORTED = {"partuuid": None, "cache_type": "Unsafe", "io_engine": "Sync",
-                   "rate_limiter": None, "socket": None}
+                   "socket": None}
     PATCH_FIELDS = {"drive_id": (str, True), "path_on_host": (str, False),
                     "rate_limiter": (dict, False)}
 
@@ -262,28 +346,33 @@ class Drive:
                 raise ConfigError(f"{where}: {name} must be {' or '.join(allowed)}")
         _unsupported(where, f, cls.UNSUPPORTED)
         drive = cls(f["drive_id"], f["path_on_host"], f["is_root_device"],
-                    f.get("is_read_only", False))
+                    f.get("is_read_only", False),
+                    RateLimiterConfig.optional(f, "rate_limiter", where))
         _existing_file(where, "path_on_host", drive.path_on_host,
                        writable=not drive.is_read_only)
         return drive
 
     @classmethod
-    def patch_from_json(cls, body: Any, where: str, path_id: str) -> str | None:
-        """PATCH /drives/{id}: the new path_on_host (None: nothing to change)."""
+    def patch_from_json(cls, body: Any, where: str,
+                        path_id: str) -> "tuple[str | None, RateLimiterConfig | None]":
+        """PATCH /drives/{id}: the new path_on_host and the rate limiter update
+        (None: nothing to change), as Firecracker's PartialDrive."""
         f = _object(where, body, cls.PATCH_FIELDS)
         _check_id(where, "drive_id", f["drive_id"])
         if f["drive_id"] != path_id:
             raise ConfigError(f"{where}: the drive_id in the body ({f['drive_id']!r}) does not "
                               f"match the one in the path ({path_id!r})")
-        _unsupported(where, f, {"rate_limiter": None})
+        limiter = RateLimiterConfig.from_json(f["rate_limiter"], f"{where}: rate_limiter") \
+            if "rate_limiter" in f else None
         if "path_on_host" in f:
             _existing_file(where, "path_on_host", f["path_on_host"])
-        return f.get("path_on_host")
+        return f.get("path_on_host"), limiter
 
     def to_json(self) -> dict:
         return {"drive_id": self.drive_id, "path_on_host": self.path_on_host,
                 "is_root_device": self.is_root_device, "is_read_only": self.is_read_only,
-                "cache_type": "Unsafe", "io_engine": "Sync"}
+                "cache_type": "Unsafe", "io_engine": "Sync",
+                **({"rate_limiter": self.rate_limiter.to_json()} if self.rate_limiter else {})}
 
 
 @dataclass
@@ -291,11 +380,15 @@ class NetworkInterface:
     iface_id: str
     host_dev_name: str
     guest_mac: str | None = None
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
 
     FIELDS = {"iface_id": (str, True), "host_dev_name": (str, True), "guest_mac": (str, False),
               "mtu": (int, False), "rx_rate_limiter": (dict, False),
               "tx_rate_limiter": (dict, False)}
-    UNSUPPORTED = {"mtu": None, "rx_rate_limiter": None, "tx_rate_limiter": None}
+    UNSUPPORTED = {"mtu": None}
+    PATCH_FIELDS = {"iface_id": (str, True), "rx_rate_limiter": (dict, False),
+                    "tx_rate_limiter": (dict, False)}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "network-interface",
@@ -318,26 +411,48 @@ class NetworkInterface:
                                   "06:00:AC:10:00:02")
             if int(mac[:2], 16) & 1:
                 raise ConfigError(f"{where}: guest_mac {mac} is a multicast address")
-        return cls(f["iface_id"], tap, mac)
+        return cls(f["iface_id"], tap, mac,
+                   RateLimiterConfig.optional(f, "rx_rate_limiter", where),
+                   RateLimiterConfig.optional(f, "tx_rate_limiter", where))
+
+    @classmethod
+    def patch_from_json(cls, body: Any, where: str, path_id: str) \
+            -> "tuple[RateLimiterConfig | None, RateLimiterConfig | None]":
+        """PATCH /network-interfaces/{id} (Firecracker's PartialNetworkInterface):
+        the rx and tx rate limiter updates (None: leave that one as it is)."""
+        f = _object(where, body, cls.PATCH_FIELDS)
+        _check_id(where, "iface_id", f["iface_id"])
+        if f["iface_id"] != path_id:
+            raise ConfigError(f"{where}: the iface_id in the body ({f['iface_id']!r}) does not "
+                              f"match the one in the path ({path_id!r})")
+        rx, tx = (RateLimiterConfig.from_json(f[name], f"{where}: {name}") if name in f
+                  else None for name in ("rx_rate_limiter", "tx_rate_limiter"))
+        return rx, tx
 
     def to_json(self) -> dict:
-        out = {"iface_id": self.iface_id, "host_dev_name": self.host_dev_name}
+        out: dict[str, Any] = {"iface_id": self.iface_id, "host_dev_name": self.host_dev_name}
         if self.guest_mac is not None:
             out["guest_mac"] = self.guest_mac
+        for name in ("rx_rate_limiter", "tx_rate_limiter"):
+            limiter = getattr(self, name)
+            if limiter is not None:
+                out[name] = limiter.to_json()
         return out
 
 
 @dataclass
 class Entropy:
+    rate_limiter: RateLimiterConfig | None = None
+
     FIELDS = {"rate_limiter": (dict, False)}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "entropy") -> "Entropy":
-        _unsupported(where, _object(where, body, cls.FIELDS), {"rate_limiter": None})
-        return cls()
+        f = _object(where, body, cls.FIELDS)
+        return cls(RateLimiterConfig.optional(f, "rate_limiter", where))
 
     def to_json(self) -> dict:
-        return {}
+        return {"rate_limiter": self.rate_limiter.to_json()} if self.rate_limiter else {}
 
 
 @dataclass
@@ -688,4 +803,5 @@ def _section(kind: type, item: Any, where: str, existing: dict[str, Any]) -> Any
 
 
 __all__ = ["BootSource", "ConfigError", "Drive", "Entropy", "Logger", "MachineConfig",
-           "Metrics", "NetworkInterface", "SerialConfig", "VmSpec", "Vsock"]
+           "Metrics", "NetworkInterface", "RateLimiterConfig", "SerialConfig",
+           "TokenBucketConfig", "VmSpec", "Vsock"]

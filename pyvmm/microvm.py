@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyvmm.closing import Closeable
-from pyvmm.config import DEFAULT_SERIAL_OUT_MAX_BYTES, Logger, Metrics, VmSpec
+from pyvmm.config import DEFAULT_SERIAL_OUT_MAX_BYTES, Logger, Metrics, RateLimiterConfig, \
+    VmSpec
 from pyvmm.console import ConsoleCapture, ConsoleSink, SerialConsole
 from pyvmm.errors import PyvmmError
 
@@ -51,6 +52,15 @@ logging.getLogger("pyvmm").addHandler(logging.NullHandler())
 
 class MicroVMError(PyvmmError):
     """An operation that the microVM's state does not allow, or that failed."""
+
+
+_NO_LIMIT = RateLimiterConfig()
+
+
+def _limiter_update(value: "RateLimiterConfig | dict", where: str) -> RateLimiterConfig:
+    """A PATCH's rate limiter, given as the model or as its JSON."""
+    return value if isinstance(value, RateLimiterConfig) else \
+        RateLimiterConfig.from_json(value, where)
 
 
 def _set_section(name: str) -> Callable[[VmSpec, Any], None]:
@@ -407,16 +417,42 @@ class MicroVM(Closeable):
         with self._lock:
             self._running_vm().send_ctrl_alt_del()
 
-    def update_drive(self, drive_id: str, path_on_host: str | None) -> None:
-        """PATCH /drives/{id} after boot: a new backing file for the same drive."""
+    def update_drive(self, drive_id: str, path_on_host: str | None,
+                     rate_limiter: "RateLimiterConfig | dict | None" = None) -> None:
+        """PATCH /drives/{id} after boot: a new backing file for the same drive, and/or
+        new rate limiter buckets (those given replace the drive's; a zero one disables)."""
         with self._lock:
             vm = self._running_vm()
             if drive_id not in self.spec.drives:
                 raise MicroVMError(f"drive {drive_id!r} does not exist")
+            drive = self.spec.drives[drive_id]
+            if rate_limiter is not None:
+                update = _limiter_update(rate_limiter, f"drive {drive_id}: rate_limiter")
+                vm.update_rate_limiter(f"drive:{drive_id}", "rate_limiter", update)
+                drive.rate_limiter = (drive.rate_limiter or _NO_LIMIT).patched(update)
             if path_on_host is None:
                 return
             vm.update_drive(drive_id, Path(path_on_host))
-            self.spec.drives[drive_id].path_on_host = path_on_host
+            drive.path_on_host = path_on_host
+
+    def update_network_interface(self, iface_id: str,
+                                 rx_rate_limiter: "RateLimiterConfig | dict | None" = None,
+                                 tx_rate_limiter: "RateLimiterConfig | dict | None" = None) \
+            -> None:
+        """PATCH /network-interfaces/{id} after boot: new rx and/or tx rate limiter
+        buckets (those given replace the interface's; a zero one disables)."""
+        with self._lock:
+            vm = self._running_vm()
+            iface = self.spec.network_interfaces.get(iface_id)
+            if iface is None:
+                raise MicroVMError(f"network interface {iface_id!r} does not exist")
+            for name, given in (("rx_rate_limiter", rx_rate_limiter),
+                                ("tx_rate_limiter", tx_rate_limiter)):
+                if given is None:
+                    continue
+                update = _limiter_update(given, f"network interface {iface_id}: {name}")
+                vm.update_rate_limiter(f"net:{iface_id}", name, update)
+                setattr(iface, name, (getattr(iface, name) or _NO_LIMIT).patched(update))
 
     def flush_metrics(self) -> None:
         with self._lock:

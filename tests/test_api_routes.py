@@ -119,7 +119,7 @@ def test_drives(api, api_files):
             ("/drives/x", {**data, "drive_id": "x", "cache_type": "Writeback"},
              "not supported yet"),
             ("/drives/x", {**data, "drive_id": "x", "rate_limiter": {"bandwidth": {}}},
-             "not supported yet"),
+             "missing field 'size'"),
             ("/drives/x", {**data, "drive_id": "x", "socket": "/tmp/vhost"}, "vhost-user"),
             ("/drives/x", {**data, "drive_id": "x", "unknown": 1}, "unknown field")]:
         _, fault = api.call("PUT", url, body, 400)
@@ -159,7 +159,7 @@ def test_network_interfaces(api):
         _, fault = api.call("PUT", url, body, 400)
         assert words in fault["fault_message"], (body, fault)
     _, fault = api.call("PATCH", "/network-interfaces/eth0", {"iface_id": "eth0"}, 400)
-    assert "not supported yet" in fault["fault_message"]
+    assert "before starting" in fault["fault_message"]
 
 
 def test_entropy_vsock_serial(api, api_files):
@@ -171,8 +171,8 @@ def test_entropy_vsock_serial(api, api_files):
     assert config["entropy"] == {} and config["vsock"]["guest_cid"] == 3
     assert config["serial"] == {"serial_out_path": str(api_files / "console.log")}
     for url, body, words in [
-            ("/entropy", {"rate_limiter": {"ops": {"size": 1, "refill_time": 1}}},
-             "not supported yet"),
+            ("/entropy", {"rate_limiter": {"ops": {"size": -1, "refill_time": 1}}},
+             "out of range"),
             ("/entropy", {"foo": 1}, "unknown field"),
             ("/vsock", {"guest_cid": 2, "uds_path": "/tmp/x"}, "out of range"),
             ("/vsock", {"guest_cid": "3", "uds_path": "/tmp/x"}, "integer"),

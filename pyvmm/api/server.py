@@ -200,16 +200,19 @@ class ApiController:
         where = f"PATCH /drives/{id}"
         if self.vm.state == "Not started":
             raise ApiError(BEFORE_START)
-        path = Drive.patch_from_json(body, where, id)
-        self.vm.update_drive(id, path)
+        path, limiter = Drive.patch_from_json(body, where, id)
+        self.vm.update_drive(id, path, rate_limiter=limiter)
 
     def put_network_interface(self, id: str, body: Any) -> None:  # noqa: A002
         self._configure("network_interface", lambda: NetworkInterface.from_json(
             body, f"PUT /network-interfaces/{id}", path_id=id))
 
     def patch_network_interface(self, id: str, body: Any) -> None:  # noqa: A002
-        raise ApiError(f"PATCH /network-interfaces/{id}: rate limiters are not supported yet "
-                       "by pyvmm.")
+        where = f"PATCH /network-interfaces/{id}"
+        if self.vm.state == "Not started":
+            raise ApiError(BEFORE_START)
+        rx, tx = NetworkInterface.patch_from_json(body, where, id)
+        self.vm.update_network_interface(id, rx_rate_limiter=rx, tx_rate_limiter=tx)
 
     def put_entropy(self, body: Any) -> None:
         self._configure("entropy", lambda: Entropy.from_json(body, "PUT /entropy"))

@@ -72,6 +72,7 @@ class FakeLinuxVm:
         self.pvm = False
         self.sent = b""
         self.drives: dict[str, Path] = {}
+        self.limits: dict[tuple[str, str], object] = {}   # (device, limiter) -> PATCH update
         self._done = threading.Event()
         FakeLinuxVm.instances.append(self)
 
@@ -82,6 +83,7 @@ class FakeLinuxVm:
     def send(self, data): self.sent += data
     def close(self): self.calls.append("close")
     def update_drive(self, drive_id, path): self.drives[drive_id] = path
+    def update_rate_limiter(self, device, which, update): self.limits[device, which] = update
     def send_ctrl_alt_del(self): self.calls.append("ctrl-alt-del")
 
     def wait(self, timeout=None):

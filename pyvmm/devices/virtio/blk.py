@@ -11,18 +11,27 @@ DISCARD and WRITE_ZEROES are held to the limits the config space advertises
 MAX_DISCARD_SECTORS / MAX_WRITE_ZEROES_SECTORS sectors in it; the backend
 zeroes with fallocate or from a small fixed buffer.  A request's own Python
 memory is its 16-byte header and segment, whatever the guest asks.
+
+A rate limiter (pyvmm.devices.rate_limiter, Firecracker's) may stand in front
+of the queue: each request costs one op, and reads and writes their data
+length in bytes; a request over budget goes back to the ring untouched and the
+queue waits for the limiter's timer.
 """
 from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from pyvmm.devices.disk import SECTOR_SIZE, RawDisk
+from pyvmm.devices.rate_limiter import OPS_ONLY, UNLIMITED, RateLimited, serve_limited
 from pyvmm.devices.disk import DiskError as DiskError    # what Block() raises for a bad image
 from pyvmm.devices.virtio.chain import Chain, QueueError, Reader, Writer
 from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, MAX_CONFIG_SIZE, VirtioDevice
 from pyvmm.devices.virtio.state import StateError, StateReader
+
+if TYPE_CHECKING:
+    from pyvmm.config import RateLimiterConfig
 
 DEVICE_ID_BLOCK = 2
 QUEUE_SIZE = 256
@@ -59,13 +68,15 @@ class RequestError(Exception):
         self.status = status
 
 
-class Block(VirtioDevice):
+class Block(VirtioDevice, RateLimited):
     device_id = DEVICE_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
     name = "virtio-blk"
 
-    def __init__(self, path: Path, read_only: bool = False, serial: str = "") -> None:
+    def __init__(self, path: Path, read_only: bool = False, serial: str = "",
+                 rate_limiter: "RateLimiterConfig | None" = None) -> None:
         super().__init__()
+        self.init_limiters({"rate_limiter": (rate_limiter, 0)})
         self.read_only = read_only
         self.serial = serial.encode()[:ID_BYTES]
         self.disk = RawDisk(path, read_only)
@@ -101,6 +112,7 @@ class Block(VirtioDevice):
 
     def close(self) -> None:
         self.disk.close()
+        self.close_limiters()
 
     def restore(self, state: object) -> None:
         """As VirtioDevice.restore; the saved config space (the capacity) must be
@@ -115,7 +127,26 @@ class Block(VirtioDevice):
     # -- requests ----------------------------------------------------------------
 
     def process_queue(self, index: int) -> bool:
-        return self.serve_each(self.queues[index], self._serve) >= CHAINS_PER_SLICE
+        limiter = self.limiters["rate_limiter"][0]
+        if not limiter.enabled and not limiter.is_blocked:
+            return self.serve_each(self.queues[index], self._serve) >= CHAINS_PER_SLICE
+        return serve_limited(self, self.queues[index], limiter, CHAINS_PER_SLICE,
+                             self._cost, self._serve) >= CHAINS_PER_SLICE
+
+    @staticmethod
+    def _cost(chain: Chain) -> int:
+        """What a request costs the limiter in bytes (Firecracker's: the data of a
+        read or write; other requests take only an op).  A chain too short for a
+        header and status is not charged: _serve() fails the device for it."""
+        writable = chain.total_bytes - chain.readable_bytes
+        if chain.readable_bytes < HEADER.size or writable < STATUS.size:
+            return UNLIMITED
+        rtype = chain.reader().read_obj(HEADER)[0]
+        if rtype == T_IN:
+            return writable - STATUS.size
+        if rtype == T_OUT:
+            return chain.readable_bytes - HEADER.size
+        return OPS_ONLY
 
     def _serve(self, chain: Chain) -> int:
         """Handles one request; returns the bytes written into guest buffers."""

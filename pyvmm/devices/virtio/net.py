@@ -6,6 +6,13 @@ requests pass through to the host kernel unchanged, and the host's go to
 the guest the same way.  That makes CSUM/TSO nearly free to offer.
 Receive uses mergeable buffers: a packet may span several of the guest's
 chains, counted in the header's num_buffers.
+
+Rate limiters (Firecracker's rx_rate_limiter and tx_rate_limiter) charge one
+op and the whole frame, vnet header included, per frame.  A transmit frame
+over budget goes back to the TX ring; a received frame over budget is held
+(at most one, as Firecracker's deferred frame) while the TAP is not read, so
+the frames behind it wait in the host kernel's TAP queue until the limiter's
+timer fires.
 """
 from __future__ import annotations
 
@@ -13,13 +20,17 @@ import fcntl
 import hashlib
 import os
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from pyvmm.devices.rate_limiter import UNLIMITED, RateLimited, TokenKind, serve_limited
 from pyvmm.devices.virtio.chain import Chain, QueueError, Reader
 from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, VirtioDevice, VirtioInterrupt
 from pyvmm.devices.virtio.state import StateReader, encode_bytes
 from pyvmm.errors import PyvmmError
 from pyvmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyvmm.config import RateLimiterConfig
 
 DEVICE_ID_NET = 1
 RX, TX = 0, 1
@@ -94,15 +105,19 @@ def open_tap(name: str) -> int:
     return fd
 
 
-class Net(VirtioDevice):
+class Net(VirtioDevice, RateLimited):
     device_id = DEVICE_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "virtio-net"
 
-    def __init__(self, tap: str, mac: bytes, fd: int | None = None) -> None:
+    def __init__(self, tap: str, mac: bytes, fd: int | None = None,
+                 rx_rate_limiter: "RateLimiterConfig | None" = None,
+                 tx_rate_limiter: "RateLimiterConfig | None" = None) -> None:
         """Attach to TAP device `tap`; or, for tests, to any packet fd that keeps
         frame boundaries (a SOCK_DGRAM socketpair) with no offloads."""
         super().__init__()
+        self.init_limiters({"rx_rate_limiter": (rx_rate_limiter, RX),
+                            "tx_rate_limiter": (tx_rate_limiter, TX)})
         self.tap_name = tap
         self.mac = mac
         self.is_tap = fd is None
@@ -140,6 +155,7 @@ class Net(VirtioDevice):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.close_limiters()
 
     def save(self) -> dict:
         with self.lock:
@@ -162,10 +178,23 @@ class Net(VirtioDevice):
 
     def process_queue(self, index: int) -> bool:
         if index == TX:
-            sent = self.serve_each(self.queues[TX], self._transmit)
+            limiter = self.limiters["tx_rate_limiter"][0]
+            if not limiter.enabled and not limiter.is_blocked:
+                sent = self.serve_each(self.queues[TX], self._transmit)
+            else:
+                sent = serve_limited(self, self.queues[TX], limiter, CHAINS_PER_SLICE,
+                                     self._tx_cost, self._transmit)
             self.stats["requests"] += sent
             return sent >= CHAINS_PER_SLICE
         return self._deliver()          # the guest gave us receive buffers
+
+    @staticmethod
+    def _tx_cost(chain: Chain) -> int:
+        """A frame's length, vnet header included; a frame _transmit() refuses is
+        not charged (Firecracker checks its size first too)."""
+        if chain.writable_buffers or not VNET_HDR_SIZE <= chain.readable_bytes <= MAX_PACKET:
+            return UNLIMITED
+        return chain.readable_bytes
 
     def _transmit(self, chain: Chain) -> int:
         """Send one frame (vnet header first) to the TAP; the guest gets its
@@ -195,8 +224,14 @@ class Net(VirtioDevice):
     def _deliver(self) -> bool:
         """Deliver up to CHAINS_PER_SLICE frames; True if that budget ran out."""
         queue = self.queues[RX]
+        limiter = self.limiters["rx_rate_limiter"][0]
         delivered = 0
         while delivered < CHAINS_PER_SLICE:
+            if limiter.is_blocked:
+                # Throttled: read nothing more from the TAP until the timer fires.
+                self.stats["throttled"] += 1
+                self.watch_tap(False)
+                break
             if self._pending is None:
                 try:
                     n = os.readv(self.fd, [self._rx_buffer])
@@ -206,12 +241,21 @@ class Net(VirtioDevice):
                     self.stats["errors"] += 1
                     break
                 self._pending = memoryview(self._rx_buffer)[:n]
+            size = len(self._pending)
+            charged = limiter.enabled and queue.has_available()
+            if charged and not limiter.consume_request(size):
+                self.stats["throttled"] += 1
+                self.watch_tap(False)   # the frame waits here, the rest in the TAP
+                break
             if not self._place(self._pending):
+                if charged:             # not delivered after all: the budget back
+                    limiter.manual_replenish(1, TokenKind.OPS)
+                    limiter.manual_replenish(size, TokenKind.BYTES)
                 self.watch_tap(False)   # no buffers: wait for the guest's RX kick
                 break
             self._pending = None
             delivered += 1
-        if self._pending is None:
+        if self._pending is None and not limiter.is_blocked:
             self.watch_tap(True)
         if delivered:
             assert self.interrupt is not None
