@@ -103,11 +103,20 @@ def vmm_args(spec: JailSpec, args: list[str]) -> list[str]:
     return list(args)
 
 
-def interpreter_argv(args: list[str]) -> list[str]:
+def pycache_prefix() -> str | None:
+    """The caller's PYTHONPYCACHEPREFIX, if it is a directory: the jailed interpreter
+    reads its bytecode from there (bound read-only), as the caller's pyvmm would."""
+    prefix = os.environ.get("PYTHONPYCACHEPREFIX")
+    return os.path.realpath(prefix) if prefix and os.path.isdir(prefix) else None
+
+
+def interpreter_argv(args: list[str], cache: str | None = None) -> list[str]:
     """The jailed interpreter's argv: isolated mode (-I: no PYTHON* variables, no user
     site, no script directory on sys.path), no site-packages processing (-S: no .pth
     file runs), no bytecode writes (-B: the binds are read-only); sys.path is the
-    standard library, the pyvmm package's parent and the directory of _cffi_backend."""
+    standard library, the pyvmm package's parent and the directory of _cffi_backend.
+    Bytecode comes from __pycache__ beside the sources (compile it once: `python -m
+    compileall pyvmm`), or from `cache` (PYTHONPYCACHEPREFIX's), read-only."""
     import pyvmm
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(pyvmm.__file__)))
     extra = []
@@ -116,7 +125,8 @@ def interpreter_argv(args: list[str]) -> list[str]:
         extra.append(os.path.dirname(_cffi_backend.__file__))
     except ImportError:
         pass
-    boot = (f"import sys; sys.path[:0] = [{package_parent!r}]; sys.path += {extra!r}; "
+    boot = ("import sys; " + (f"sys.pycache_prefix = {cache!r}; " if cache else "") +
+            f"sys.path[:0] = [{package_parent!r}]; sys.path += {extra!r}; "
             "sys.argv[0] = 'pyvmm'; from pyvmm.cli import main; sys.exit(main())")
     return [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", boot, *args]
 
@@ -156,10 +166,14 @@ def prepare(spec: JailSpec) -> tuple[list[str], mounts.MountPlan]:
     for path, writable in files:
         placement.check_access(path, spec.uid, spec.gid, writable)
     plan = mounts.MountPlan(devices=mounts.devices())
-    mounts.interpreter_plan(plan)
+    # The ldd cache sits beside the jails, in a directory only root writes.
+    mounts.interpreter_plan(plan, cache_dir=os.path.join(spec.base, EXEC_NAME))
     for path, writable in files:
         plan.add(path, read_only=not writable)
-    return interpreter_argv(placed.args), plan
+    cache = pycache_prefix()
+    if cache is not None:
+        plan.add(cache)
+    return interpreter_argv(placed.args, cache), plan
 
 
 def _check_fsize(spec: JailSpec) -> None:
