@@ -433,3 +433,27 @@ def test_a_setup_failure_is_one_line_and_leaves_no_cgroup(jail_env):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--netns /nonexistent/netns" in err.decode()
     assert not os.path.exists(f"/sys/fs/cgroup/pids/{parent}/bad")
+
+
+@pytest.mark.kvm
+def test_cgroup_v2_places_the_vmm_in_the_unified_hierarchy(jail_env):
+    base, parent = jail_env
+    v1, v2 = cg.mounts()
+    if v2 is None:
+        pytest.skip("no cgroup2 file system mounted")
+    argv = [sys.executable, "-m", "pyvmm", "jail", "--id", "v2", "--uid", "4322", "--gid",
+            "4322", "--chroot-base-dir", base, "--parent-cgroup", parent,
+            "--cgroup-version", "2", "--cgroup", "cgroup.max.depth=0",
+            "--", "api", "--api-sock", "api.sock"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert _get(f"{base}/pyvmm/v2/root/api.sock")["id"] == "v2"
+        pid = int(open(f"{base}/pyvmm/v2/pyvmm.pid").read())
+        assert f"0::/{parent}/v2\n" in open(f"/proc/{pid}/cgroup").read()
+        assert open(f"{v2}/{parent}/v2/cgroup.max.depth").read().strip() == "0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert not os.path.exists(f"{v2}/{parent}/v2")
+    os.rmdir(f"{v2}/{parent}")

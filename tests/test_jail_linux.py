@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -120,6 +121,12 @@ def jailed(guest, base, parent_cgroup, netns_with_tap, tmp_path_factory):
         yield {"proc": proc, "pid": pid, "id": jail_id, "disk": disk, "base": base,
                "parent": parent_cgroup, "netns": netns_with_tap}
     finally:
+        if proc.returncode is None:          # the jailer forwards it and removes its cgroups
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except Exception:  # noqa: BLE001 - close() kills it
+                pass
         proc.close()
 
 
