@@ -142,6 +142,18 @@ struct pv_scratch {               /* a register file that reads back what was wr
     uint8_t bytes[4096];
 };
 int pv_scratch_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len, int is_write);
+/* seccomp (seccomp.c): pyvmm.seccomp builds the rule table, we load it on this thread. */
+#define PV_SC_NAME_LEN 16
+#define PV_SC_MAX_CMP 3
+#define PV_SC_EQ 0
+#define PV_SC_MASKED_EQ 1
+#define PV_SC_EXIT_STATUS 159     /* 128 + SIGSYS, as if SIGSYS had killed us */
+struct pv_sc_cmp { unsigned int arg; int op; uint64_t a; uint64_t b; };
+struct pv_sc_rule { int nr; int errno_value; int ncmp; struct pv_sc_cmp cmp[3]; };
+int pv_seccomp_prepare(void);
+int pv_seccomp_resolve(const char *name);
+int pv_set_thread_name(const char *name);
+int pv_seccomp_install(const struct pv_sc_rule *rules, int count, int log_only);
 /* cdef-end */
 
 #endif

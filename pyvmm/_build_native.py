@@ -15,7 +15,8 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 KVM_CDEF = Path(__file__).resolve().parent / "kvm" / "kvm_abi.cdef"
-C_SOURCES = ["vcpu_loop.c", "bus.c", "ioctl.c", "dev_debugcon.c", "dev_debugexit.c", "dev_scratch.c"]
+C_SOURCES = ["vcpu_loop.c", "bus.c", "ioctl.c", "dev_debugcon.c", "dev_debugexit.c", "dev_scratch.c",
+             "seccomp.c"]
 
 # cffi takes the GIL again inside this callback, and only there.
 PYTHON_CALLBACKS = """
@@ -40,7 +41,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(CSRC / name) for name in C_SOURCES],
     include_dirs=[os.path.relpath(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "seccomp"],       # libseccomp-dev (csrc/seccomp.c)
 )
 
 if __name__ == "__main__":
