@@ -55,6 +55,12 @@ def _add_process_flags(parser: argparse.ArgumentParser, api_required: bool = Fal
     parser.add_argument("--console-limit", type=parse_size, default=None, metavar="SIZE",
                         help="a console file stops growing at SIZE (e.g. 64M, the default); "
                              "later output is dropped and counted")
+    seccomp = parser.add_mutually_exclusive_group()
+    seccomp.add_argument("--no-seccomp", action="store_true",
+                         help="run every thread without its seccomp filter (docs/seccomp.md)")
+    seccomp.add_argument("--seccomp-filter", type=Path, default=None, metavar="FILE",
+                         help="the seccomp filters from FILE (pyvmm/seccomp/default.json's "
+                              "format) instead of pyvmm's")
 
 
 # The two files of a snapshot directory (`--restore DIR`, `pyvmm snapshot create DIR`).
@@ -262,7 +268,12 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
             print(notice, file=sys.stderr)
         if args.console == "stdio" and vm.state != "Exited":
             reader = StdinReader(functools.partial(_type_into, vm), vm.stop)
+            reader.seccomp = args.seccomp
             reader.start()
+        # Last: every VMM thread exists now (those started later by the API thread get
+        # its filter), and this thread only waits for the end and tears down.
+        from pyvmm import seccomp
+        seccomp.enter_thread("main", args.seccomp)
         result = None
         while result is None:
             result = vm.wait(0.5)
@@ -299,16 +310,21 @@ def _microvm(spec, args: argparse.Namespace):
     if args.console_limit is not None:
         path = spec.serial.serial_out_path if spec.serial else None
         spec.serial = SerialConfig(path, args.console_limit)
-    return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID)
+    return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID,
+                   seccomp=args.seccomp)
 
 
 def _bind_api_socket(args: argparse.Namespace) -> None:
     """Listen on --api-sock first thing: connections queue in the backlog while the
     rest of pyvmm is imported, and are answered as soon as the server starts."""
+    from pyvmm import seccomp
+    # Checked first, so a bad filter file is one line before anything starts.
+    args.seccomp = None if args.no_seccomp else seccomp.resolve(args.seccomp_filter or True)
     args.http = None
     if args.api_sock is not None:
         from pyvmm.api.http import HttpServer
         args.http = HttpServer(str(args.api_sock))
+        args.http.seccomp = args.seccomp
         args.http.bind()
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable
 
+from pyvmm import seccomp
 from pyvmm.errors import PyvmmError
 
 ESCAPE = 0x01                   # Ctrl-A
@@ -62,6 +63,7 @@ class ConsoleSink:
         self._changed = threading.Condition()
         self._closing = False
         self._writer: threading.Thread | None = None
+        self.seccomp: seccomp.Policy | None = None     # the writer's "console" filter
         if spec == "stdio":
             self._fd = sys.stdout.fileno()
         elif spec.startswith("file:") and len(spec) > 5:
@@ -96,6 +98,7 @@ class ConsoleSink:
                 self._writer.start()
 
     def _write_loop(self) -> None:
+        seccomp.enter_thread("console", self.seccomp, "console-out")
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending or self._closing)
@@ -270,6 +273,7 @@ class StdinReader:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stdin", daemon=True)
         self._escape = False
+        self.seccomp: seccomp.Policy | None = None     # its "console" filter
 
     def start(self) -> None:
         if os.isatty(self.fd):            # termios only for a terminal: a pipe needs none
@@ -291,6 +295,7 @@ class StdinReader:
         self.restore()
 
     def _loop(self) -> None:
+        seccomp.enter_thread("console", self.seccomp, "stdin")
         while not self._stop.is_set():
             ready, _, _ = select.select([self.fd], [], [], 0.2)
             if not ready:

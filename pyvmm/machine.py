@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from pyvmm import seccomp
 from pyvmm.closing import Closeable
 from pyvmm.errors import PyvmmError
 from pyvmm.devices.virtio.state import StateError, StateReader
@@ -136,6 +137,9 @@ class Machine(Closeable):
         # Linux guests: the first vCPU to end ends the VM.  Test guests may let
         # each vCPU run to its own end instead.
         self.end_on_first_exit = end_on_first_exit
+        # A pyvmm.seccomp.Policy: each vCPU thread puts its "vcpu" filter on as it
+        # starts (MicroVM sets it; bare machines, the tests' tiny guests, run without).
+        self.seccomp: seccomp.Policy | None = None
         self.device_error: DeviceError | None = None
         self._native = ffi.new("struct pv_machine *")
         self._c_state: list[Any] = []
@@ -254,6 +258,7 @@ class Machine(Closeable):
 
     def _vcpu_thread(self, vcpu: VcpuFd) -> None:
         try:
+            seccomp.enter_thread("vcpu", self.seccomp, f"vcpu{vcpu.index}")
             while True:
                 outcome = vcpu.run(with_regs=False)
                 if outcome.kind == OutcomeKind.STOPPED and not self._stopping:

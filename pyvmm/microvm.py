@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from pyvmm import seccomp as seccomp_filters
 from pyvmm.closing import Closeable
 from pyvmm.config import DEFAULT_SERIAL_OUT_MAX_BYTES, Logger, Metrics, RateLimiterConfig, \
     VmSpec
@@ -102,11 +103,15 @@ class MicroVM(Closeable):
                  serial_out_path: str | os.PathLike | None = None,
                  console: str = "none", vm_id: str = DEFAULT_ID,
                  track_dirty_pages: bool = False, vsock: Any = None,
-                 spec: VmSpec | None = None) -> None:
+                 spec: VmSpec | None = None, seccomp: Any = True) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH.  vsock: a
-        pyvmm.config.Vsock or its JSON ({"guest_cid": 3, "uds_path": PATH})."""
+        pyvmm.config.Vsock or its JSON ({"guest_cid": 3, "uds_path": PATH}).
+        seccomp: the filters of the VM's own threads (vCPUs, I/O, console writer,
+        metrics): True (pyvmm's, the default), False, or a filter file's path
+        (docs/seccomp.md).  The caller's threads are never filtered."""
+        self.seccomp = seccomp_filters.resolve(seccomp)
         if spec is None:
             if kernel is None:
                 from pyvmm import builtin_guest
@@ -254,6 +259,7 @@ class MicroVM(Closeable):
             config.metrics_path,
             counters=lambda: metrics_from_stats(self.stats, self.api_counters),
             header=lambda: {"vmm": {"id": self.vm_id, "state": self.state}})
+        self._metrics.seccomp = self.seccomp
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -289,6 +295,10 @@ class MicroVM(Closeable):
     def _run(self, vm: Any, paused: bool) -> None:
         """Start a built VM (booting, or a loaded snapshot) and watch it end."""
         self._vm = vm
+        for part in (getattr(vm, "machine", None), getattr(vm, "iothread", None),
+                     self.capture.sink):
+            if part is not None:
+                part.seccomp = self.seccomp     # each of their threads filters itself
         try:
             vm.start(paused=True) if paused else vm.start()
         except BaseException:

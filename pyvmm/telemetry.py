@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from pyvmm import seccomp
 from pyvmm.config import Logger
 from pyvmm.host_files import open_output
 
@@ -71,6 +72,7 @@ class MetricsWriter:
         self.lines = self.dropped = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.seccomp: seccomp.Policy | None = None     # the thread's "metrics" filter
 
     def flush(self) -> None:
         with self.lock:
@@ -87,6 +89,7 @@ class MetricsWriter:
 
     def start_periodic(self, period: float = METRICS_PERIOD) -> None:
         def loop() -> None:
+            seccomp.enter_thread("metrics", self.seccomp)
             while not self._stop.wait(period):
                 self.flush()
         self._thread = threading.Thread(target=loop, name="metrics", daemon=True)

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pyvmm import seccomp
+
 MAX_HEAD = 16 * 1024              # request line + headers
 MAX_HEADERS = 64
 MAX_DRAIN = 1 << 20               # an oversized body up to this is read (and dropped)
@@ -252,6 +254,8 @@ class _SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore
+        # Started by the server thread: it has that thread's "api" filter already.
+        seccomp.enter_thread("api", None, "api-conn")
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -280,6 +284,9 @@ class HttpServer:
         self.max_connections = max_connections
         self._server: _SocketServer | None = None
         self._thread: threading.Thread | None = None
+        # The "api" filter the server thread (and so every connection thread it
+        # starts) runs under; the CLI sets it, in-process servers run without.
+        self.seccomp: seccomp.Policy | None = None
 
     def bind(self) -> None:
         """Bind and listen; a stale socket file (nobody listening) is replaced."""
@@ -304,10 +311,14 @@ class HttpServer:
         if self._server is None:
             self.bind()
         assert self._server is not None
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2}, name="api-server",
+        self._thread = threading.Thread(target=self._serve, name="api-server",
                                         daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        seccomp.enter_thread("api", self.seccomp)
+        assert self._server is not None
+        self._server.serve_forever(poll_interval=0.2)
 
     def close(self) -> None:
         if self._server is None:

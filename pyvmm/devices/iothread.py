@@ -12,6 +12,8 @@ import selectors
 import threading
 from typing import Callable
 
+from pyvmm import seccomp
+
 Handler = Callable[[], None]
 
 RECENT_ERRORS = 8                      # messages kept of the errors handlers raised
@@ -33,6 +35,7 @@ class IoThread:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self.error_count = 0
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=RECENT_ERRORS)
+        self.seccomp: seccomp.Policy | None = None     # its "io" filter, set before start()
 
     def add_eventfd(self, fd: int, handler: Handler) -> None:
         """Call handler (on the I/O thread) each time eventfd fd is signalled."""
@@ -85,6 +88,7 @@ class IoThread:
         return ended
 
     def _loop(self) -> None:
+        seccomp.enter_thread("io", self.seccomp, self._thread.name)
         while not self._stop:
             for key, _ in self._selector.select():
                 if key.data is None:

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pyvmm import seccomp
 from pyvmm.snapshot.uffd import (UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE,
                                  UFFD_MSG_STRUCT, UFFDIO_COPY, UFFDIO_COPY_STRUCT,
                                  UFFDIO_RANGE_STRUCT, UFFDIO_UNREGISTER)
@@ -161,6 +162,9 @@ class UffdHandler:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._closed = False
+        # The serving thread's "uffd" filter: on in the handler's own process (main()),
+        # off for handlers started in a caller's process unless set.
+        self.seccomp: seccomp.Policy | None = None
 
     # -- setting up ---------------------------------------------------------------------------
 
@@ -277,6 +281,7 @@ class UffdHandler:
         try:
             if self._listener is None:
                 self.listen()
+            seccomp.enter_thread("uffd", self.seccomp)
             self._accept_vmm()
             self._serve()
         except VmmGone as gone:
@@ -477,12 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-vmm-on-error", action="store_true",
                         help="SIGKILL the VMM when a fault cannot be served, as Firecracker's "
                              "example handlers do")
+    parser.add_argument("--no-seccomp", action="store_true",
+                        help="serve without the seccomp filter (docs/seccomp.md)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="uffd-handler: %(message)s", stream=sys.stderr)
     handler = UffdHandler(args.socket_path, args.mem_file, populate=args.populate,
                           kill_vmm_on_error=args.kill_vmm_on_error)
+    handler.seccomp = seccomp.resolve(not args.no_seccomp)
     # SIGTERM/SIGINT: stop serving and clean up (the socket file) like a hang-up.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: os.write(handler._wake_w, b"x"))
