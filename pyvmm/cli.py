@@ -159,6 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from pyvmm import cli_sandbox
     cli_sandbox.add_parsers(sub, _Parser, parse_mem)
+    from pyvmm import cli_jail
+    cli_jail.add_parser(sub, _Parser)
     return parser
 
 
@@ -471,6 +473,10 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["jail"]:                  # its own argv: pyvmm's arguments after --
+        from pyvmm import cli_jail
+        return cli_jail.main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "run":
