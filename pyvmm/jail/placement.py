@@ -6,7 +6,7 @@ mount plan mirrors host paths): no copy of a large disk, no hard link (which wou
 work on the same file system, and whose owner change would be the host file's too), and
 nothing left to clean up, since binds die with the jail's mount namespace.  Input paths
 of `run` (--kernel, --initrd, --disk, --config-file and the files it names, --restore,
---snapshot, --snapshot-mem, --disk-override) are host paths, relative ones to the jailer's
+--snapshot, --snapshot-mem, --disk-override, --uffd) are host paths, relative ones to the jailer's
 working directory; a path that exists under the jail root already (placed there the
 Firecracker way) is left alone.  Outputs (--api-sock, console files, vsock sockets,
 snapshots made through the API) are written inside the jail: a relative path lands under
@@ -24,7 +24,7 @@ from pyvmm.errors import PyvmmError
 # run's flags that name input files: flag -> how its value names them.
 PATH_FLAGS = {"--kernel": "path", "--initrd": "path", "--disk": "disk",
               "--config-file": "config", "--restore": "dir", "--snapshot": "path",
-              "--snapshot-mem": "path", "--disk-override": "override"}
+              "--snapshot-mem": "path", "--disk-override": "override", "--uffd": "path"}
 SNAPSHOT_FILES = ("vm.state", "vm.mem")
 
 
