@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "net": "benches.net",
     "snapshot": "benches.snapshot",
     "sandbox": "benches.sandbox",
+    "jail": "benches.jail",
     "seccomp": "benches.seccomp",
 }
 # Benchmarks that boot Linux (minutes each on KVM PVM); --quick skips them.
