@@ -22,7 +22,14 @@ from pyvmm.devices.virtio.blk import S_OK, T_FLUSH, T_IN, T_OUT
 from pyvmm.devices.virtio.driver import HostDriver
 from pyvmm.devices.virtio.rng import Rng
 from tests.framework.virtio import Irq, disk, memory  # noqa: F401 - fixtures
-from tests.test_virtio import blk_request, make_blk, make_net  # noqa: F401
+from tests.test_virtio import close_blocks, make_blk, make_net
+
+
+@pytest.fixture(autouse=True)
+def _blocks_closed():
+    """make_blk's devices hold their image and timer fds until closed."""
+    yield
+    close_blocks()
 
 
 class Clock:

@@ -1,14 +1,16 @@
-"""Rate limiters against a real Linux guest: a `dd` with O_DIRECT to a limited disk
-(from a second, unlimited one, so that the guest copies nothing: on KVM PVM its
-ring 0 would pay for every byte of /dev/zero) and TCP streams through a limited NIC (each way) run at the configured rate, and
-a PATCH while they run changes it.
+"""Rate limiters against a real Linux guest: a `dd` with O_DIRECT to a limited
+disk (from a second, unlimited one, so that the guest copies nothing: on KVM PVM
+its ring 0 would pay for every byte of /dev/zero) and TCP streams through a
+limited NIC, each way, run at the configured rate, and a PATCH while they run
+changes it.
 
 Rates are measured at the device, from the host: the slope of the device's byte
-counter over a window of several seconds, taken after the bucket's initial
-contents (a full bucket is an allowed burst) have been spent.  The configured
-rates are well below what the guest manages on a KVM PVM host (blk ~2.5-3.9 MB/s,
-TCP ~60-200 KB/s, benches/README.md), so the limiter, not the emulation, sets the
-pace.  One VM serves the whole module (a boot costs about a minute on KVM PVM)."""
+counter over several seconds, from the moment the limiter first holds a request
+back (its bucket is empty then: a full bucket is an allowed burst).  The rates
+are well below what the guest manages on a loaded KVM PVM host (an O_DIRECT dd
+at queue depth 1 ~0.9 MiB/s, TCP ~60-200 KB/s, benches/README.md), so the
+limiter, not the emulation, sets the pace.  One VM serves the whole module (a
+boot costs about a minute on KVM PVM)."""
 from __future__ import annotations
 
 import subprocess
