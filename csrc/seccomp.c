@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/ucontext.h>
 #include <seccomp.h>
 #include "pyvmm.h"
 
@@ -52,12 +53,29 @@ static size_t append_num(char *buf, size_t at, size_t cap, long value)
     return at;
 }
 
+static size_t append_hex(char *buf, size_t at, size_t cap, unsigned long value)
+{
+    char digits[17];
+    int n = 0;
+
+    do {
+        digits[n++] = "0123456789abcdef"[value & 15];
+        value >>= 4;
+    } while (value && n < 16);
+    at = append(buf, at, cap, "0x");
+    while (n && at + 1 < cap)
+        buf[at++] = digits[--n];
+    buf[at] = 0;
+    return at;
+}
+
 static void on_sigsys(int sig, siginfo_t *info, void *context)
 {
     char line[512];
     size_t at = 0;
     int nr = info->si_syscall;
     const char *name = (nr >= 0 && nr < NAMES && syscall_names[nr]) ? syscall_names[nr] : "?";
+    const ucontext_t *uc = context;
 
     at = append(line, at, sizeof(line), "pyvmm: seccomp: thread ");
     at = append(line, at, sizeof(line), thread_name[0] ? thread_name : "?");
@@ -65,6 +83,17 @@ static void on_sigsys(int sig, siginfo_t *info, void *context)
     at = append(line, at, sizeof(line), name);
     at = append(line, at, sizeof(line), " (");
     at = append_num(line, at, sizeof(line), nr);
+    /* The argument the filter checks, where that is what made the call forbidden. */
+    if (nr == __NR_ioctl) {
+        at = append(line, at, sizeof(line), ", request ");
+        at = append_hex(line, at, sizeof(line), (unsigned long)uc->uc_mcontext.gregs[REG_RSI]);
+    } else if (nr == __NR_socket || nr == __NR_clone || nr == __NR_prctl) {
+        at = append(line, at, sizeof(line), ", first argument ");
+        at = append_hex(line, at, sizeof(line), (unsigned long)uc->uc_mcontext.gregs[REG_RDI]);
+    } else if (nr == __NR_openat) {
+        at = append(line, at, sizeof(line), ", flags ");
+        at = append_hex(line, at, sizeof(line), (unsigned long)uc->uc_mcontext.gregs[REG_RDX]);
+    }
     at = append(line, at, sizeof(line), "); the VMM is stopped. Run with --no-seccomp to "
                 "check whether the filter is the cause (docs/seccomp.md)\n");
     for (size_t done = 0; done < at;) {
@@ -133,6 +162,10 @@ int pv_seccomp_install(const struct pv_sc_rule *rules, int count, int log_only)
         return -ENOMEM;
     /* A binary tree of syscall numbers rather than a list: ~log2(n) comparisons per call. */
     rc = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2);
+    /* The kernel logs a trapped call too (audit type 1326, in dmesg): a second record of
+     * a violation, even when stderr went nowhere. */
+    if (rc == 0)
+        rc = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_LOG, 1);
     /* The SIGSYS handler's own calls: always allowed, whatever the policy says. */
     if (rc == 0)
         rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(write), 0);
