@@ -1,5 +1,6 @@
 """The cost of seccomp: the same work with pyvmm's filters on and off, in one run.
 
+  syscall  one system call (getpid) in a thread under the vcpu, io and api filters
   exits  the exit round trip of benches/exits.py (a tiny 64-bit guest making N PIO or
          MMIO accesses, C and Python handlers), the vCPU thread filtered or not
   blk    benches/blk.py's guest (sequential write/read, 4 KiB random reads) under
@@ -9,7 +10,7 @@
 Every number is printed with its ratio to the no-seccomp baseline of the same
 repetition (1.00 = no cost; above 1 for time per exit means slower, below 1 for
 throughput means slower).  blk and net boot Linux (minutes each on KVM PVM):
-`--seccomp-parts exits` runs the exit round trip alone.
+`--seccomp-parts syscall,exits` (or --quick) runs the parts without Linux.
 
     python -m benches seccomp [--exits N] [--reps N] [--io-reps N] [--seccomp-parts exits,blk,net]
 """
@@ -30,7 +31,7 @@ from pyvmm.kvm import OutcomeKind
 from pyvmm.testbed import Mode, TinyVm
 
 MODES = ("off", "on")
-PARTS = ("exits", "blk", "net")
+PARTS = ("syscall", "exits", "blk", "net")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,45 @@ def measure_exits(n: int, reps: int) -> dict[str, Any]:
     print(f"\nExit round trip, {n} exits per run, {reps} repetitions, ns/exit median [min-max]:")
     print(harness.format_table(["access/handler", "no seccomp", "seccomp", "seccomp / none"],
                                rows), flush=True)
+    return {"summary": summary, "samples": samples}
+
+
+def syscall_run(kind: str, policy: seccomp.Policy | None, n: int) -> float:
+    """ns per getpid() (a system call every filter allows, with no work in the
+    kernel) in a fresh thread under the filter of kind, or none."""
+    import threading
+    out: list[float] = []
+
+    def body() -> None:
+        seccomp.enter_thread(kind, policy, "bench")
+        getpid = os.getpid
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            getpid()
+        out.append((time.perf_counter_ns() - start) / n)
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def measure_syscalls(n: int, reps: int) -> dict[str, Any]:
+    """What the filter adds to one system call, per thread kind."""
+    policy = seccomp.resolve(True)
+    samples = {kind: {m: [] for m in MODES} for kind in ("vcpu", "io", "api")}
+    for rep in range(reps):
+        for kind in samples:
+            for mode in harness.rotated(MODES, rep):
+                samples[kind][mode].append(syscall_run(kind, policy if mode == "on" else None,
+                                                       n))
+    summary = {kind: {"off": Stats.of(s["off"]), "on": Stats.of(s["on"]),
+                      "added_ns": Stats.of([b - a for a, b in zip(s["off"], s["on"])])}
+               for kind, s in samples.items()}
+    rows = [[kind, s["off"].format(".0f"), s["on"].format(".0f"), s["added_ns"].format(".0f")]
+            for kind, s in summary.items()]
+    print(f"\nOne system call (getpid from Python), {n} per run, {reps} repetitions, ns, "
+          "median [min-max]:")
+    print(harness.format_table(["filter", "no seccomp", "seccomp", "added"], rows), flush=True)
     return {"summary": summary, "samples": samples}
 
 
@@ -163,7 +203,7 @@ def measure_linux(part: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     parts = [p for p in args.seccomp_parts.split(",") if p]
     if getattr(args, "quick", False):
-        parts = [p for p in parts if p == "exits"]      # --quick: nothing that boots Linux
+        parts = [p for p in parts if p in ("syscall", "exits")]    # --quick: no Linux boots
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"--seccomp-parts: unknown {sorted(unknown)}; use {', '.join(PARTS)}")
@@ -172,6 +212,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "seccomp", "facts": facts,
                               "params": {"exits": args.exits, "reps": args.reps,
                                          "io_reps": args.io_reps, "parts": parts}}
+    if "syscall" in parts:
+        result["syscall"] = measure_syscalls(200_000, args.reps)
     if "exits" in parts:
         result["exits"] = measure_exits(args.exits, args.reps)
     for part in ("blk", "net"):
