@@ -143,7 +143,14 @@ class VcpuFd:
         """The outcome with the vCPU's registers filled in (for diagnostics)."""
         if outcome.regs or outcome.kind == OutcomeKind.RUN_ERROR or self.fd < 0:
             return outcome
-        return dataclasses.replace(outcome, regs=self.get_regs())
+        try:
+            return dataclasses.replace(outcome, regs=self.get_regs())
+        except KvmError:
+            # close() from another thread between the check above and the ioctl (a
+            # vCPU thread leaving run() is not "inside" it any more): no registers then.
+            if self.fd < 0:
+                return outcome
+            raise
 
     def kick(self) -> None:
         """From any thread, at any time: make run() return OutcomeKind.STOPPED soon
