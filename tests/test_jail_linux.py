@@ -133,7 +133,12 @@ def jailed(guest, base, parent_cgroup, netns_with_tap, tmp_path_factory):
 def test_the_vmm_sees_only_the_jail(jailed):
     pid = jailed["pid"]
     root = os.path.join(jailed["base"], "pyvmm", jailed["id"], "root")
-    assert os.readlink(f"/proc/{pid}/root") == "/"       # its root, not the host's
+    # its root is the top of its own mount namespace ("/" here; where the caller is
+    # itself chrooted, as in the hardware-KVM rig, the kernel names it by the mount point
+    # the pivot left it on, e.g. /mnt/root): never a path inside ours
+    assert not os.readlink(f"/proc/{pid}/root").startswith(jailed["base"])
+    assert os.stat(f"/proc/{pid}/root").st_ino != os.stat("/").st_ino or \
+        os.stat(f"/proc/{pid}/root").st_dev != os.stat("/").st_dev
     seen = set(os.listdir(f"/proc/{pid}/root"))
     assert seen == set(os.listdir(root))                  # ...is the jail directory
     assert seen <= {"dev", "proc", "sys", "etc", "usr", "lib", "lib64", "root", "work",
