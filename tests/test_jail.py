@@ -52,8 +52,13 @@ def test_resource_limits_parse(name, value):
     assert parse_resource_limit(f"{name}={value}") == (name, value)
 
 
-@pytest.mark.parametrize("bad", ["fsize", "fsize=", "nofile=3", "no-file=-1", "fsize=1G",
-                                 "cpu=4"])
+def test_file_sizes_take_suffixes():
+    assert parse_resource_limit("fsize=2G") == ("fsize", 2 << 30)
+    assert parse_resource_limit("fsize=512m") == ("fsize", 512 << 20)
+
+
+@pytest.mark.parametrize("bad", ["fsize", "fsize=", "nofile=3", "no-file=-1", "fsize=1T",
+                                 "no-file=1K", "fsize=1.5G", "cpu=4"])
 def test_bad_resource_limits_are_refused(bad):
     with pytest.raises(JailError):
         parse_resource_limit(bad)

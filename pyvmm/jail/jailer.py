@@ -45,12 +45,17 @@ def validate_id(jail_id: str) -> str:
     return jail_id
 
 
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
 def parse_resource_limit(text: str) -> tuple[str, int]:
-    """'no-file=1024' -> ('no-file', 1024)."""
+    """'no-file=1024' -> ('no-file', 1024); fsize also takes K, M or G ('fsize=2G')."""
     name, eq, value = text.partition("=")
-    if name not in RLIMITS or not eq or not value.isdigit():
-        raise JailError(f"bad --resource-limit {text!r}: use fsize=BYTES or no-file=N")
-    return name, int(value)
+    match = re.fullmatch(r"(\d+)([KMG]?)", value.upper())
+    if name not in RLIMITS or not eq or not match or (name == "no-file" and match.group(2)):
+        raise JailError(f"bad --resource-limit {text!r}: use fsize=BYTES (or 512M, 2G) "
+                        f"or no-file=N")
+    return name, int(match.group(1)) * SIZE_SUFFIXES[match.group(2)]
 
 
 @dataclass
