@@ -303,6 +303,9 @@ def _type_into(vm, data: bytes) -> None:
 
 
 def _terminate(signum, frame):  # noqa: ANN001 - a signal handler
+    # Once: a second SIGTERM (a supervisor forwarding one it got twice) raised in the
+    # middle of the teardown the first one started would leave the VMM half torn down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -411,6 +411,29 @@ def test_a_jailed_api_answers_and_its_traces_go_when_it_ends(jail_env):
 
 
 @pytest.mark.kvm
+def test_a_vmm_that_ignores_sigterm_is_killed_after_the_grace_time(jail_env):
+    """A stopped VMM cannot act on the SIGTERM the jailer forwards: the jailer's
+    deadline (KILL_AFTER_TERM) must still fire, although nothing else wakes it."""
+    from pyvmm.jail.jailer import KILL_AFTER_TERM
+    base, parent = jail_env
+    proc = _start_api(base, parent, "--new-pid-ns", jail_id="stuck")
+    try:
+        assert _get(f"{base}/pyvmm/stuck/root/api.sock")["id"] == "stuck"
+        pid = int(open(f"{base}/pyvmm/stuck/pyvmm.pid").read())
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=KILL_AFTER_TERM + 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert KILL_AFTER_TERM - 1 <= time.monotonic() - started < KILL_AFTER_TERM + 20
+    assert not os.path.exists(f"/sys/fs/cgroup/pids/{parent}/stuck")
+
+
+@pytest.mark.kvm
 def test_daemonize_returns_once_the_vmm_runs(jail_env):
     base, parent = jail_env
     proc = _start_api(base, parent, "--daemonize", jail_id="d-1")

@@ -366,18 +366,28 @@ def _supervise(pid: int, groups: cg.Cgroups) -> int:
     for signum in forwarded:
         signal.signal(signum, forward)
     pidfd = os.pidfd_open(pid)
+    # A signal must end the select() below: Python retries an interrupted select with
+    # the timeout it was given (None before the first SIGTERM), so without this wake-up
+    # pipe the SIGKILL deadline a SIGTERM sets would never be looked at.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     try:
         while True:
             timeout = None
             if term_at:
                 timeout = max(0.0, term_at[0] + KILL_AFTER_TERM - time.monotonic())
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-            if ready:
+            ready, _, _ = select.select([pidfd, wake_r], [], [], timeout)
+            if pidfd in ready:
                 break
+            if wake_r in ready:
+                os.read(wake_r, 512)
             if term_at and time.monotonic() >= term_at[0] + KILL_AFTER_TERM:
                 os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
         os.close(pidfd)
         for signum in forwarded:
             signal.signal(signum, signal.SIG_DFL)

@@ -193,8 +193,17 @@ def shared_libraries(cache_dir: str | None = None) -> list[str]:
 def interpreter_plan(plan: MountPlan, cache_dir: str | None = None) -> MountPlan:
     for path in python_paths():
         plan.add(path)
-    for lib in shared_libraries(cache_dir):
+    libs = shared_libraries(cache_dir)
+    for lib in libs:
         plan.add(lib)
+    # glibc dlopens libgcc_s when a thread exits through pthread_exit (what Python does
+    # to a daemon thread at interpreter shutdown): ldd cannot see it, and without it the
+    # VMM aborts on its way out ("libgcc_s.so.1 must be installed for pthread_exit").
+    for lib in libs:
+        if os.path.basename(lib).startswith("libc.so."):
+            gcc_s = os.path.join(os.path.dirname(lib), "libgcc_s.so.1")
+            if os.path.exists(gcc_s):
+                plan.add(gcc_s)
     if os.path.exists("/etc/ld.so.cache"):
         plan.add("/etc/ld.so.cache")
     from pyvmm.pvm import PVM_MODULE_PATH
