@@ -9,6 +9,7 @@ import argparse
 import functools
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
