@@ -206,6 +206,37 @@ def run_to_exit(argv: list[str], markers: Sequence[bytes], timeout: float) -> Ru
                pid=vmm.pid)
 
 
+def run_watched(argv: list[str], markers: Sequence[bytes], timeout: float,
+                stop: bytes | None = None, env_extra: dict[str, str] | None = None) -> Run:
+    """run_to_exit(), with two more things: the child's environment is child_env()
+    plus env_extra, and with `stop` (one of markers) the VMM is killed as soon as that
+    marker is read (a kernel that would go on to fail without a root file system, say),
+    or at timeout; `exited` is then None and the marker's time the figure."""
+    env = child_env()
+    env.update(env_extra or {})
+    with Process(argv, env=env, markers=markers) as vmm:
+        exited = None
+        if stop is None:
+            exited = vmm.wait_exit(timeout)
+        else:
+            vmm.wait_marker(stop, timeout)
+        running = vmm.returncode is None       # still running: stopped (or timed out) here
+    return Run(argv, {m.decode(): vmm.seen.get(m) for m in markers}, exited=exited,
+               returncode=vmm.returncode, stdout=bytes(vmm.out), stderr=vmm.stderr_data(),
+               pid=vmm.pid, extra={"killed": running})
+
+
+KERNEL_LINE = re.compile(r"^pyvmm: kernel: (.*)$", re.M)
+
+
+def pyvmm_kernel_line(stderr: bytes) -> str | None:
+    """The line `pyvmm run` prints on stderr about how it loaded a bzImage (issue 17:
+    decompressed on the host, from the cache, or in the guest and why), without its
+    `pyvmm: kernel: ` prefix."""
+    found = KERNEL_LINE.search(stderr.decode(errors="replace"))
+    return found.group(1) if found else None
+
+
 def pyvmm_stats(stderr: bytes) -> dict | None:
     """The --stats JSON pyvmm prints on stderr at exit."""
     import json
@@ -265,6 +296,13 @@ def parse_results(console: str) -> dict[str, dict[str, float]]:
         fields = dict(kv.split("=", 1) for kv in match.group(2).split())
         results[match.group(1)] = {k: float(v) for k, v in fields.items()}
     return results
+
+
+def debian_kernel():
+    """Debian 12's generic kernel, XZ-compressed (tests/framework/debian_kernel.py:
+    firmware/fetch-debian-kernel.sh's cache, fetched when missing)."""
+    from tests.framework import debian_kernel as debian
+    return debian.find() or debian.ensure()
 
 
 # -- network namespace ------------------------------------------------------------
