@@ -86,7 +86,7 @@ struct pv_vcpu {
     uint64_t exits[64];           /* by KVM_EXIT_* reason */
     uint64_t dev_exits[2][64];    /* by [bus][range index] */
     uint64_t unhandled[2];        /* accesses that hit no device, by bus */
-    uint64_t interrupted;         /* KVM_RUN returned EINTR without a stop request */
+    uint64_t interrupted;         /* KVM_RUN returned EINTR without a stop or sample request */
     void *priv;                   /* struct pv_vcpu_private: kvm_run, thread, lock */
 };
 
@@ -104,6 +104,53 @@ void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out);
 void pv_vcpu_kick(struct pv_vcpu *vcpu);
 /* Drops a kick that has not been consumed yet (pause/resume races); no-op after destroy. */
 void pv_vcpu_clear_kick(struct pv_vcpu *vcpu);
+
+/*
+ * Guest profiler (pyvmm.profiler).  A sampler interrupts KVM_RUN with the kick signal
+ * and a sample request, never a stop request; the vCPU thread answers the EINTR by
+ * reading RIP and CPL into a preallocated ring and re-enters the guest.  The layout
+ * of struct pv_sample is the record of the profile file (docs/profiler.md).
+ */
+#define PV_SAMPLE_KIND_SAMPLE 0
+#define PV_SAMPLE_KIND_DROPPED 1  /* written by Python at the end: rip = samples lost on vcpu */
+struct pv_sample {
+    uint64_t t_ns;                /* CLOCK_MONOTONIC when the registers were read */
+    uint64_t rip;
+    uint16_t vcpu;
+    uint8_t cpl;                  /* 0..3, the ring the guest was in */
+    uint8_t kind;                 /* PV_SAMPLE_KIND_* */
+    uint32_t reserved;            /* 0 */
+};
+struct pv_sampler {
+    uint64_t period_ns;
+    uint64_t next_ns;             /* the next tick, CLOCK_MONOTONIC; 0 before the first */
+    uint64_t ticks;               /* ticks done */
+    uint64_t late_ticks;          /* ticks skipped because the sampler thread ran late */
+    int stop;                     /* set from any thread: pv_sampler_run returns within a period */
+};
+/* A single-producer (the vCPU thread), single-consumer (the drain) ring of samples.
+ * The caller allocates it and keeps it alive as long as the vCPU may run: it outlives
+ * pv_vcpu_destroy(), so the last samples can be drained after the vCPU is gone. */
+struct pv_sample_ring {
+    struct pv_sample *samples;
+    uint32_t capacity;
+    uint32_t head;                /* written by the vCPU thread only */
+    uint32_t tail;                /* written by the draining thread only */
+    uint32_t reserved;
+    uint64_t taken;               /* samples stored */
+    uint64_t dropped;             /* samples lost because the ring was full */
+};
+/* Gives the vCPU its ring; 0, -EINVAL (no capacity), -EEXIST or -EBADF (destroyed). */
+int pv_vcpu_sampling_enable(struct pv_vcpu *vcpu, struct pv_sample_ring *ring);
+/* Makes a running vCPU take one sample soon; a no-op if it is not in pv_vcpu_run(),
+ * has no ring, or is destroyed.  Never ends the run. */
+void pv_vcpu_sample_kick(struct pv_vcpu *vcpu);
+/* Moves up to max samples out of the ring (from one thread at a time); the number moved. */
+uint32_t pv_samples_drain(struct pv_sample_ring *ring, struct pv_sample *out, uint32_t max);
+/* Sleeps to each tick (absolute, CLOCK_MONOTONIC) and sample-kicks every vCPU, for
+ * `ticks` ticks or until s->stop; returns the ticks done.  The GIL is released. */
+uint64_t pv_sampler_run(struct pv_sampler *s, struct pv_vcpu **vcpus, uint32_t nvcpus, uint32_t ticks);
+uint64_t pv_monotonic_ns(void);
 
 void pv_machine_init(struct pv_machine *m);
 /* 0, or -EINVAL (empty/wrapping range), -EEXIST (overlap), -ENOSPC (bus full). */

@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@ struct pv_vcpu_private {
     int in_run;               /* a thread is inside pv_vcpu_run() */
     int orphaned;             /* destroyed while in_run: that thread frees it on its way out */
     volatile int stop_requested;
+    int sample_requested;     /* the guest profiler asked for a sample (atomics only) */
+    struct pv_sample_ring *ring;  /* the profiler's, NULL unless sampling: never freed here */
 };
 
 /*
@@ -135,6 +138,139 @@ void pv_vcpu_clear_kick(struct pv_vcpu *vcpu)
         __atomic_store_n(&p->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
     }
     pthread_mutex_unlock(&life_lock);
+}
+
+/* -- the guest profiler's samples -----------------------------------------------
+ *
+ * A sample kick is a stop kick without the stop: it sets sample_requested and
+ * immediate_exit (so that a kick landing just before KVM_RUN is not lost) and sends
+ * the kick signal.  The vCPU thread answers the EINTR with take_sample() and clears
+ * immediate_exit again, under life_lock and only if no stop kick came meanwhile, so
+ * a stop is never swallowed.  Samples go to a single-producer, single-consumer ring
+ * the caller owns: no lock and no allocation on the vCPU thread.
+ */
+uint64_t pv_monotonic_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int pv_vcpu_sampling_enable(struct pv_vcpu *vcpu, struct pv_sample_ring *ring)
+{
+    struct pv_vcpu_private *p;
+    int rc = 0;
+
+    if (!ring->samples || ring->capacity == 0)
+        return -EINVAL;
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (!p || p->orphaned)
+        rc = -EBADF;
+    else if (p->ring)
+        rc = -EEXIST;
+    else
+        __atomic_store_n(&p->ring, ring, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&life_lock);
+    return rc;
+}
+
+void pv_vcpu_sample_kick(struct pv_vcpu *vcpu)
+{
+    struct pv_vcpu_private *p;
+
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (p && p->ring && p->in_run && !p->orphaned) {
+        __atomic_store_n(&p->sample_requested, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&p->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        pthread_kill(p->thread, kick_signal);
+    }
+    pthread_mutex_unlock(&life_lock);
+}
+
+/* The vCPU is out of the guest: its registers are where the sample was asked for. */
+static void take_sample(struct pv_vcpu *vcpu, struct pv_vcpu_private *p)
+{
+    struct pv_sample_ring *r = p->ring;
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct pv_sample *s;
+    uint32_t head, tail;
+
+    if (!r)
+        return;
+    head = r->head;
+    tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+    if (head - tail >= r->capacity) {
+        r->dropped++;
+        return;
+    }
+    if (ioctl(vcpu->fd, KVM_GET_REGS, &regs) < 0 || ioctl(vcpu->fd, KVM_GET_SREGS, &sregs) < 0)
+        return;
+    s = &r->samples[head % r->capacity];
+    s->t_ns = pv_monotonic_ns();
+    s->rip = regs.rip;
+    s->vcpu = (uint16_t)vcpu->index;
+    /* CPL is CS.RPL in protected mode; real mode is ring 0 whatever CS holds. */
+    s->cpl = (sregs.cr0 & 1) ? (sregs.cs.selector & 3) : 0;
+    s->kind = PV_SAMPLE_KIND_SAMPLE;
+    s->reserved = 0;
+    __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
+    r->taken++;
+}
+
+/* Back into the guest: drop the immediate_exit of the sample kick, unless a stop kick
+ * (which needs it) or another sample kick came in since. */
+static void end_sample_kick(struct pv_vcpu_private *p)
+{
+    pthread_mutex_lock(&life_lock);
+    if (!p->stop_requested && !p->orphaned &&
+        !__atomic_load_n(&p->sample_requested, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&p->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&life_lock);
+}
+
+uint32_t pv_samples_drain(struct pv_sample_ring *r, struct pv_sample *out, uint32_t max)
+{
+    uint32_t n = 0;
+    uint32_t tail = r->tail;
+    uint32_t head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+
+    for (; tail != head && n < max; tail++, n++)
+        out[n] = r->samples[tail % r->capacity];
+    __atomic_store_n(&r->tail, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+uint64_t pv_sampler_run(struct pv_sampler *s, struct pv_vcpu **vcpus, uint32_t nvcpus, uint32_t ticks)
+{
+    struct timespec ts;
+    uint64_t done = 0, now;
+    uint32_t i;
+
+    if (s->period_ns == 0)
+        return 0;
+    if (s->next_ns == 0)
+        s->next_ns = pv_monotonic_ns();
+    while (done < ticks && !__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+        s->next_ns += s->period_ns;
+        now = pv_monotonic_ns();
+        if (now > s->next_ns + s->period_ns) {   /* late by more than a period: skip, no burst */
+            s->late_ticks += (now - s->next_ns) / s->period_ns;
+            s->next_ns = now;
+        }
+        ts.tv_sec = s->next_ns / 1000000000ull;
+        ts.tv_nsec = s->next_ns % 1000000000ull;
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+        for (i = 0; i < nvcpus; i++)
+            pv_vcpu_sample_kick(vcpus[i]);
+        s->ticks++;
+        done++;
+    }
+    return done;
 }
 
 /* Serve one access of len bytes at addr; returns PV_IO_* or 2 for "no device". */
@@ -306,6 +442,11 @@ void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
                     out->kind = PV_OUT_STOPPED;
                     out->exit_reason = KVM_EXIT_INTR;
                     break;
+                }
+                if (__atomic_exchange_n(&p->sample_requested, 0, __ATOMIC_ACQ_REL)) {
+                    take_sample(vcpu, p);
+                    end_sample_kick(p);
+                    continue;
                 }
                 vcpu->interrupted++;
                 continue;
