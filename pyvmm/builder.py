@@ -25,6 +25,7 @@ from pyvmm import pvm as pvm_host
 from pyvmm.boot.cmdline import build_cmdline
 from pyvmm.boot.cpu import setup_vcpus
 from pyvmm.boot.initrd import panic_hint as initrd_panic_hint
+from pyvmm.boot.kernel_cache import KernelCache
 from pyvmm.boot.loader import LoadedKernel, load_linux
 from pyvmm.closing import Closeable
 from pyvmm.config import ConfigError, Drive, NetworkInterface, VmSpec, Vsock
@@ -113,7 +114,8 @@ class LinuxVm(Closeable):
             self.kernel = load_linux(
                 self.machine.memory, Path(boot.kernel_image_path),
                 Path(boot.initrd_path) if boot.initrd_path else None, self.cmdline,
-                machine_config.vcpu_count)
+                machine_config.vcpu_count, host_decompress=boot.host_decompress,
+                cache=KernelCache.from_environment())
             setup_vcpus(self.machine.kvm, self.machine.vcpus, self.machine.memory,
                         self.kernel.entry, hide_pvm_features=self.pvm)
         except BaseException:
@@ -255,10 +257,11 @@ class LinuxVm(Closeable):
 
     @property
     def notices(self) -> list[str]:
-        """One-line facts a user starting this VM should see (a slow initrd on PVM)."""
-        if self.kernel is None or not self.kernel.initrd_notice:
+        """One-line facts a user starting this VM should see: how its bzImage was
+        decompressed, a slow initrd on PVM."""
+        if self.kernel is None:
             return []
-        return [self.kernel.initrd_notice]
+        return [n for n in (self.kernel.kernel_notice, self.kernel.initrd_notice) if n]
 
     def boot_times(self) -> dict[str, float | None]:
         """Seconds from process start (exec) and from start() to the /init marker."""

@@ -95,6 +95,11 @@ def _build_parser() -> argparse.ArgumentParser:
     vm_flags.add_argument("--bzimage", action="store_true",
                           help="with the built-in guest, boot its bzImage instead of the PVH "
                                "vmlinux")
+    vm_flags.add_argument("--no-host-decompress", dest="host_decompress",
+                          action="store_false",
+                          help="let a bzImage decompress its kernel in the guest (as QEMU and "
+                               "Firecracker do) instead of pyvmm decompressing and caching "
+                               "it on the host")
     restore = run.add_argument_group("or resume a snapshot instead of booting")
     restore.add_argument("--restore", type=Path, metavar="DIR",
                          help=f"the snapshot in DIR ({SNAPSHOT_STATE} and {SNAPSHOT_MEM}, as "
@@ -225,7 +230,10 @@ def spec_from_args(args: argparse.Namespace):
         if given:
             raise PyvmmError(f"{', '.join(given)} cannot be combined with --config-file: the "
                              "config file describes the whole VM")
-        return VmSpec.from_file(args.config_file)
+        spec = VmSpec.from_file(args.config_file)
+        if not args.host_decompress and spec.boot_source is not None:
+            spec.boot_source.host_decompress = False
+        return spec
     vsock = None
     if args.vsock is not None:                 # a bad flag is an error before any build
         from pyvmm.config import Vsock
@@ -240,7 +248,7 @@ def spec_from_args(args: argparse.Namespace):
                         mem_mib=256 if args.mem is None else args.mem,
                         drives=[parse_disk(text, i) for i, text in enumerate(args.disk)],
                         nets=[parse_net(text, i) for i, text in enumerate(args.net)],
-                        rng=args.rng)
+                        rng=args.rng, host_decompress=args.host_decompress)
     spec.vsock = vsock
     return spec
 

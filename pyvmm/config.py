@@ -248,9 +248,12 @@ class BootSource:
     kernel_image_path: str
     boot_args: str | None = None          # None: DEFAULT_BOOT_ARGS
     initrd_path: str | None = None
+    # pyvmm's own field: decompress a bzImage's kernel on the host (pyvmm.boot.payload);
+    # False lets the kernel's own decompressor do it in the guest, as Firecracker and QEMU do.
+    host_decompress: bool = True
 
     FIELDS = {"kernel_image_path": (str, True), "boot_args": (str, False),
-              "initrd_path": (str, False)}
+              "initrd_path": (str, False), "host_decompress": (bool, False)}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "boot-source") -> "BootSource":
@@ -264,8 +267,11 @@ class BootSource:
         return cls(**f)
 
     def to_json(self) -> dict:
-        return {"kernel_image_path": self.kernel_image_path, "initrd_path": self.initrd_path,
+        body = {"kernel_image_path": self.kernel_image_path, "initrd_path": self.initrd_path,
                 "boot_args": self.boot_args}
+        if not self.host_decompress:           # Firecracker's shape unless it was asked for
+            body["host_decompress"] = False
+        return body
 
 
 @dataclass
@@ -728,7 +734,8 @@ class VmSpec:
               cmdline: str = "", boot_args: str | None = None, vcpus: int = DEFAULT_VCPUS,
               mem_mib: int = DEFAULT_MEM_MIB, drives: Iterable[Any] = (),
               nets: Iterable[Any] = (), rng: bool = False,
-              serial_out_path: str | os.PathLike | None = None) -> "VmSpec":
+              serial_out_path: str | os.PathLike | None = None,
+              host_decompress: bool = True) -> "VmSpec":
         """The model from keyword values (MicroVM(...) and `pyvmm run` flags).
 
         cmdline is appended to the default command line; boot_args replaces it, as in
@@ -738,12 +745,14 @@ class VmSpec:
             raise ConfigError("give cmdline (appended to the defaults) or boot_args "
                               "(replaces them), not both")
         for name, value, kind in (("vcpus", vcpus, int), ("mem_mib", mem_mib, int),
-                                  ("rng", rng, bool), ("cmdline", cmdline, str)):
+                                  ("rng", rng, bool), ("cmdline", cmdline, str),
+                                  ("host_decompress", host_decompress, bool)):
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"{name} must be {_TYPE_NAMES[kind]}, not {_describe(value)}")
         if boot_args is None:
             boot_args = " ".join(filter(None, (DEFAULT_BOOT_ARGS, cmdline)))
-        boot: dict[str, Any] = {"kernel_image_path": os.fspath(kernel), "boot_args": boot_args}
+        boot: dict[str, Any] = {"kernel_image_path": os.fspath(kernel), "boot_args": boot_args,
+                                "host_decompress": host_decompress}
         if initrd is not None:
             boot["initrd_path"] = os.fspath(initrd)
         spec = cls(boot_source=BootSource.from_json(boot))

@@ -10,6 +10,7 @@ Guest-physical memory:
     0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD: identity map of the first 1 GiB
     0x0002_0000  kernel command line         0x0009_fc00  EBDA: MP floating pointer + table
     0x0010_0000  the kernel (1 MiB)          initrd: as high in low RAM as the kernel allows
+    (a bzImage decompressed on the host: its vmlinux at its own p_paddr, 16 MiB for Linux)
     RAM up to 3 GiB, then the 32-bit MMIO gap, then the rest of RAM from 4 GiB:
     0xd000_0000  virtio-mmio windows, 4 KiB each, one IRQ each (VIRTIO_IRQS)
     0xfec0_0000  IOAPIC                      0xfee0_0000  LAPIC
@@ -44,6 +45,7 @@ BOOT_STACK_POINTER = 0x8FF0
 PML4_START = 0x9000
 PDPTE_START = 0xA000
 PDE_START = 0xB000
+IDENTITY_MAP_END = 1 * GiB        # what those boot page tables map (2 MiB pages)
 CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 0x10000           # up to 64 KiB; the kernel's own limit is checked too
 EBDA_START = 0x9FC00                 # the MP table lives here, where Linux scans for it

@@ -103,14 +103,16 @@ class MicroVM(Closeable):
                  serial_out_path: str | os.PathLike | None = None,
                  console: str = "none", vm_id: str = DEFAULT_ID,
                  track_dirty_pages: bool = False, vsock: Any = None,
-                 spec: VmSpec | None = None, seccomp: Any = True) -> None:
+                 spec: VmSpec | None = None, seccomp: Any = True,
+                 host_decompress: bool = True) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH.  vsock: a
         pyvmm.config.Vsock or its JSON ({"guest_cid": 3, "uds_path": PATH}).
         seccomp: the filters of the VM's own threads (vCPUs, I/O, console writer,
         metrics): True (pyvmm's, the default), False, or a filter file's path
-        (docs/seccomp.md).  The caller's threads are never filtered."""
+        (docs/seccomp.md).  The caller's threads are never filtered.
+        host_decompress=False lets a bzImage decompress its kernel in the guest."""
         self.seccomp = seccomp_filters.resolve(seccomp)
         if spec is None:
             if kernel is None:
@@ -123,7 +125,8 @@ class MicroVM(Closeable):
             spec = VmSpec.build(kernel=kernel, initrd=initrd, cmdline=cmdline,
                                 boot_args=boot_args, vcpus=vcpus, mem_mib=mem_mib,
                                 drives=drives, nets=nets, rng=rng,
-                                serial_out_path=serial_out_path)
+                                serial_out_path=serial_out_path,
+                                host_decompress=host_decompress)
             spec.machine_config.track_dirty_pages = track_dirty_pages
             if vsock is not None:
                 from pyvmm.config import Vsock
