@@ -216,6 +216,16 @@ def test_a_boot_splits_into_its_four_phases():
     assert {r.function for r in result.phases[3].top} == {"[user]", "memset_orig"}
 
 
+def test_an_initcall_function_called_alone_during_early_setup_does_not_start_initcalls():
+    # static_call_init is an early initcall that setup_arch also calls directly.
+    early = [(i, KERNEL + 0x100, 0, 0, KIND_SAMPLE) for i in range(200)]
+    early[10] = (10, KERNEL + 0x420, 0, 0, KIND_SAMPLE)           # init_hw_perf_events alone
+    later = [(200, KERNEL + 0x420, 0, 0, KIND_SAMPLE), (201, KERNEL + 0x510, 0, 0, KIND_SAMPLE)]
+    result = report(parse_profile(profile_bytes(early + later)), symbols())
+    assert [(p.name, p.samples) for p in result.phases] == [("early setup", 200),
+                                                            ("initcalls", 2)]
+
+
 def test_the_function_table_counts_samples_and_rings():
     result = report(boot_profile(), symbols(), top=3)
     assert result.total == 12 and len(result.functions) == 3

@@ -6,7 +6,8 @@ the boot reached it (docs/profiler.md):
   decompression  ring-0 samples outside the kernel image, before the first sample in
                  it (the bzImage's decompressor, at identity-mapped physical addresses)
   early setup    from the first sample in kernel text
-  initcalls      from the first sample in an initcall function or do_one_initcall
+  initcalls      from the first sample in do_one_initcall, or in an initcall function
+                 soon followed by another one (first_initcall())
   userspace      from the first ring-3 sample
 A phase the profile never shows (a PVH boot has no decompression) is left out.
 """
@@ -16,12 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pyvmm.profiler.fileformat import Profile, Sample
-from pyvmm.profiler.symbols import Symbols
+from pyvmm.profiler.symbols import INITCALL_DRIVERS, Symbols
 
 PHASES = ("decompression", "early setup", "initcalls", "userspace")
 USER = "[user]"
 OUTSIDE_KERNEL = "[outside kernel]"
 UNSYMBOLIZED = "[no symbols]"
+# Samples within which a second initcall function must follow a first (or 5% of the
+# profile, if more): see first_initcall().
+MIN_INITCALL_WINDOW = 50
 
 
 @dataclass
@@ -79,12 +83,30 @@ def phase_starts(samples: list[Sample], names: list[str],
         starts["decompression"] = 0
     if kernel is not None and (user is None or kernel < user):
         starts["early setup"] = kernel
-        initcall = first(lambda i: symbols.is_initcall(names[i]), kernel)
+        initcall = first_initcall(names, symbols, kernel)
         if initcall is not None and (user is None or initcall < user):
             starts["initcalls"] = initcall
     if user is not None:
         starts["userspace"] = user
     return starts
+
+
+def first_initcall(names: list[str], symbols: Symbols, after: int) -> int | None:
+    """The sample index where the initcalls begin: the first in do_one_initcall, or in
+    an initcall function soon followed by another initcall function.  One initcall
+    function alone is not enough: some are also called directly during early setup
+    (static_call_init is, from setup_arch), which would start the phase far too soon."""
+    window = max(MIN_INITCALL_WINDOW, len(names) // 20)
+    candidates = [i for i in range(after, len(names)) if symbols.is_initcall(names[i])]
+    for position, i in enumerate(candidates):
+        if names[i] in INITCALL_DRIVERS:
+            return i
+        for j in candidates[position + 1:]:
+            if j - i > window:
+                break
+            if names[j] != names[i]:
+                return i
+    return None
 
 
 def _rows(counts: Counter, total: int, limit: int | None) -> list[FunctionRow]:
