@@ -130,6 +130,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-api", action="store_true",
                      help="serve no API (the default without --api-sock; as in Firecracker)")
     run.add_argument("--stats", action="store_true", help="print exit counters at exit")
+    run.add_argument("--profile-guest", type=Path, default=None, metavar="FILE",
+                     help="sample every vCPU's RIP and ring into FILE while the guest runs; "
+                          "`pyvmm profile FILE` reads it (docs/profiler.md)")
+    run.add_argument("--profile-hz", type=int, default=None, metavar="N",
+                     help="samples per second and vCPU with --profile-guest (default 250)")
 
     api = sub.add_parser("api", help="serve Firecracker's API; the VM is configured and "
                                      "started through it")
@@ -167,6 +172,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_sandbox.add_parsers(sub, _Parser, parse_mem)
     from pyvmm import cli_jail
     cli_jail.add_parser(sub, _Parser)
+    from pyvmm import cli_profile
+    cli_profile.add_parser(sub, _Parser)
     return parser
 
 
@@ -324,8 +331,12 @@ def _microvm(spec, args: argparse.Namespace):
     if args.console_limit is not None:
         path = spec.serial.serial_out_path if spec.serial else None
         spec.serial = SerialConfig(path, args.console_limit)
+    profile_guest = getattr(args, "profile_guest", None)       # `pyvmm run` only
+    if getattr(args, "profile_hz", None) is not None and profile_guest is None:
+        raise PyvmmError("--profile-hz needs --profile-guest FILE")
     return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID,
-                   seccomp=args.seccomp)
+                   seccomp=args.seccomp, profile_guest=profile_guest,
+                   profile_hz=getattr(args, "profile_hz", None))
 
 
 def _bind_api_socket(args: argparse.Namespace) -> None:
@@ -495,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "api":
             return cmd_api(args)
+        if args.command == "profile":
+            from pyvmm import cli_profile
+            return cli_profile.cmd_profile(args)
         if args.command == "snapshot":
             return cmd_snapshot(args)
         if args.command in ("exec", "cp", "sandbox"):

@@ -104,7 +104,9 @@ class MicroVM(Closeable):
                  console: str = "none", vm_id: str = DEFAULT_ID,
                  track_dirty_pages: bool = False, vsock: Any = None,
                  spec: VmSpec | None = None, seccomp: Any = True,
-                 host_decompress: bool = True) -> None:
+                 host_decompress: bool = True,
+                 profile_guest: str | os.PathLike | None = None,
+                 profile_hz: int | None = None) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH.  vsock: a
@@ -114,6 +116,14 @@ class MicroVM(Closeable):
         (docs/seccomp.md).  The caller's threads are never filtered.
         host_decompress=False lets a bzImage decompress its kernel in the guest."""
         self.seccomp = seccomp_filters.resolve(seccomp)
+        # profile_guest: sample every vCPU's RIP and ring into this file while the VM
+        # runs, profile_hz times a second (docs/profiler.md; `pyvmm profile` reads it).
+        self.profile_guest = profile_guest
+        self.profile_hz = profile_hz
+        self.profiler = None                 # pyvmm.profiler.recorder.GuestProfiler
+        if profile_guest is not None:
+            from pyvmm.profiler.recorder import DEFAULT_HZ, check_hz
+            self.profile_hz = check_hz(DEFAULT_HZ if profile_hz is None else profile_hz)
         if spec is None:
             if kernel is None:
                 from pyvmm import builtin_guest
@@ -303,6 +313,7 @@ class MicroVM(Closeable):
             if part is not None:
                 part.seccomp = self.seccomp     # each of their threads filters itself
         try:
+            self._start_profiler(vm)
             vm.start(paused=True) if paused else vm.start()
         except BaseException:
             self._vm = None
@@ -314,6 +325,17 @@ class MicroVM(Closeable):
         if self._metrics is not None:
             self._metrics.start_periodic()
         self._started.set()
+
+    def _start_profiler(self, vm: Any) -> None:
+        """Before the vCPUs start; the profiler stops itself when the machine is released."""
+        machine = getattr(vm, "machine", None)
+        if self.profile_guest is None or machine is None:
+            return
+        from pyvmm.profiler.recorder import GuestProfiler
+        boot = self.spec.boot_source
+        self.profiler = GuestProfiler(machine, self.profile_guest, self.profile_hz,
+                                      kernel=str(boot.kernel_image_path) if boot else None,
+                                      policy=self.seccomp)
 
     # -- snapshots ------------------------------------------------------------------------
 
