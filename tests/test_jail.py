@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -467,8 +468,21 @@ def test_a_setup_failure_is_one_line_and_leaves_no_cgroup(jail_env):
 def test_cgroup_v2_places_the_vmm_in_the_unified_hierarchy(jail_env):
     base, parent = jail_env
     v1, v2 = cg.mounts()
-    if v2 is None:
-        pytest.skip("no cgroup2 file system mounted")
+    mounted_here = None
+    if v2 is None:           # a cgroup v1 host: the unified hierarchy exists, just unmounted
+        mounted_here = tempfile.mkdtemp(prefix="pyvmm-cgroup2-")
+        subprocess.run(["mount", "-t", "cgroup2", "none", mounted_here], check=True)
+        v1, v2 = cg.mounts()
+        assert v2 == mounted_here
+    try:
+        _run_in_cgroup_v2(base, parent, v2)
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", mounted_here], check=False)
+            os.rmdir(mounted_here)
+
+
+def _run_in_cgroup_v2(base: str, parent: str, v2: str) -> None:
     argv = [sys.executable, "-m", "pyvmm", "jail", "--id", "v2", "--uid", "4322", "--gid",
             "4322", "--chroot-base-dir", base, "--parent-cgroup", parent,
             "--cgroup-version", "2", "--cgroup", "cgroup.max.depth=0",
