@@ -7,6 +7,8 @@
 - images:   the guest images: PVH ELF, bzImage, the echo and tiny guests, cpio
 - netns:    NetNamespace, a network namespace of our own with a TAP device
 - api:      the OpenAPI-checked API client and the stand-in VM for API route tests
+- debian_kernel: Debian 12's generic XZ bzImage (linux-image-amd64), cached by
+            firmware/fetch-debian-kernel.sh; find() looks, ensure() fetches
 
 Imported as `tests.framework` (tests/ is a package): pytest puts the
 repository root on sys.path for tests/conftest.py, and `python -m benches`
