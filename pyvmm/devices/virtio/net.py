@@ -178,12 +178,8 @@ class Net(VirtioDevice, RateLimited):
 
     def process_queue(self, index: int) -> bool:
         if index == TX:
-            limiter = self.limiters["tx_rate_limiter"][0]
-            if not limiter.enabled and not limiter.is_blocked:
-                sent = self.serve_each(self.queues[TX], self._transmit)
-            else:
-                sent = serve_limited(self, self.queues[TX], limiter, CHAINS_PER_SLICE,
-                                     self._tx_cost, self._transmit)
+            sent = serve_limited(self, self.queues[TX], self.limiters["tx_rate_limiter"][0],
+                                 CHAINS_PER_SLICE, self._tx_cost, self._transmit)
             self.stats["requests"] += sent
             return sent >= CHAINS_PER_SLICE
         return self._deliver()          # the guest gave us receive buffers

@@ -33,8 +33,6 @@ class Rng(VirtioDevice, RateLimited):
 
     def process_queue(self, index: int) -> bool:
         limiter = self.limiters["rate_limiter"][0]
-        if not limiter.enabled and not limiter.is_blocked:
-            return self.serve_each(self.queues[index], self._fill) >= CHAINS_PER_SLICE
         return serve_limited(self, self.queues[index], limiter, CHAINS_PER_SLICE,
                              self._cost, self._fill) >= CHAINS_PER_SLICE
 
