@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvmm.errors import PyvmmError
@@ -495,6 +496,20 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_error_exit(command: str, run: Callable[[], int]) -> int:
+    """run(), with a user error (a PyvmmError, or an OSError naming a file) turned into
+    one line on stderr and EXIT_ERROR instead of a traceback."""
+    try:
+        return run()
+    except PyvmmError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"{command}: error: {exc.strerror or exc}"
+              f"{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["jail"]:                  # its own argv: pyvmm's arguments after --
@@ -502,28 +517,25 @@ def main(argv: list[str] | None = None) -> int:
         return cli_jail.main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "api":
-            return cmd_api(args)
-        if args.command == "profile":
-            from pyvmm import cli_profile
-            return cli_profile.cmd_profile(args)
-        if args.command == "snapshot":
-            return cmd_snapshot(args)
-        if args.command in ("exec", "cp", "sandbox"):
-            from pyvmm import cli_sandbox
-            return getattr(cli_sandbox, f"cmd_{args.command}")(args)
-        return cmd_guest(args)
-    except PyvmmError as exc:
-        print(f"pyvmm: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        print(f"pyvmm: error: {exc.strerror or exc}"
-              f"{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return EXIT_ERROR
+        return user_error_exit("pyvmm", lambda: _dispatch(args))
     except KeyboardInterrupt:
         return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "api":
+        return cmd_api(args)
+    if args.command == "profile":
+        from pyvmm import cli_profile
+        return cli_profile.cmd_profile(args)
+    if args.command == "snapshot":
+        return cmd_snapshot(args)
+    if args.command in ("exec", "cp", "sandbox"):
+        from pyvmm import cli_sandbox
+        return getattr(cli_sandbox, f"cmd_{args.command}")(args)
+    return cmd_guest(args)
 
 
 if __name__ == "__main__":

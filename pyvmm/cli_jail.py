@@ -3,7 +3,6 @@ runs Firecracker (pyvmm.jail; docs/jail.md)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from pyvmm.errors import PyvmmError
@@ -72,15 +71,7 @@ def cmd_jail(args: argparse.Namespace, pyvmm_args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """`pyvmm jail ...` (argv without the leading 'jail')."""
-    from pyvmm.cli import EXIT_ERROR, _build_parser
+    from pyvmm.cli import _build_parser, user_error_exit
     flags, pyvmm_args = split_argv(argv)
     args = _build_parser().parse_args(["jail", *flags])
-    try:
-        return cmd_jail(args, pyvmm_args)
-    except PyvmmError as exc:
-        print(f"pyvmm jail: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        print(f"pyvmm jail: error: {exc.strerror or exc}"
-              f"{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return EXIT_ERROR
+    return user_error_exit("pyvmm jail", lambda: cmd_jail(args, pyvmm_args))
