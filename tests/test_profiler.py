@@ -328,9 +328,9 @@ SPIN_MAP = f"""\
 HZ = 250
 
 
-def spin_vm():
+def spin_vm(vcpus: int = 1):
     from pyvmm.testbed import Mode, TinyVm, assemble
-    vm = TinyVm(Mode.LONG_RING0)
+    vm = TinyVm(Mode.LONG_RING0, vcpus=vcpus)
     vm.load(assemble(SPIN_GUEST, Mode.LONG_RING0), LOAD)
     return vm
 
@@ -352,6 +352,24 @@ def test_a_spinning_guest_is_attributed_to_its_loop(tmp_path):
     top = result.functions[0]
     assert (top.function, top.ring) == ("spin", 0), result.functions
     assert top.share > 0.8, result.functions
+
+
+@pytest.mark.kvm
+def test_every_vcpu_is_sampled(tmp_path):
+    from pyvmm.profiler.recorder import GuestProfiler
+    path = tmp_path / "smp.prof"
+    with spin_vm(vcpus=2) as vm:
+        GuestProfiler(vm.machine, path, hz=HZ)
+        vm.machine.start()
+        time.sleep(0.5)
+        vm.machine.stop()
+        assert vm.machine.wait(5) is not None
+    profile = load_profile(path)
+    assert profile.header.vcpus == 2
+    for vcpu in (0, 1):
+        mine = [s for s in profile.samples if s.vcpu == vcpu]
+        assert len(mine) > 10, (vcpu, len(mine))
+        assert all(LOAD <= s.rip < LOAD + 0x80 for s in mine)
 
 
 @pytest.mark.kvm
