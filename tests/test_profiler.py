@@ -262,7 +262,11 @@ def test_folded_stacks_are_ring_phase_function_count():
 
 
 def test_the_text_report_has_the_table_and_the_timeline():
-    text = format_report(report(boot_profile(), symbols()))
+    result = report(boot_profile(), symbols())
+    assert result.duration_ns == 11_000_000
+    assert result.coverage == pytest.approx(12 / (100 * 0.011))
+    text = format_report(result)
+    assert text.startswith("12 samples at 100 Hz from 1 vCPU(s) over 0.011 s")
     assert "boot timeline:" in text and "top functions in initcalls" in text
     assert "start_kernel" in text
 

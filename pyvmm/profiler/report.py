@@ -54,6 +54,14 @@ class Report:
     vcpus: int
     functions: list[FunctionRow]
     phases: list[Phase]
+    duration_ns: int = 0
+
+    @property
+    def coverage(self) -> float:
+        """Samples per tick the profile's span had room for (vCPUs x rate x time): below
+        1 when the sampler ran late on a busy host or a vCPU was out of the guest."""
+        ticks = self.vcpus * self.hz * self.duration_ns / 1e9
+        return self.total / ticks if ticks >= 1 else 0.0
 
 
 def function_of(sample: Sample, symbols: Symbols | None) -> str:
@@ -131,7 +139,8 @@ def report(profile: Profile, symbols: Symbols | None, top: int = 20) -> Report:
         phases.append(Phase(name, samples[begin].t_ns, end_ns, end - begin,
                             (end - begin) / total, _rows(phase_counts, end - begin, top)))
     return Report(total, sum(profile.dropped.values()), profile.header.hz,
-                  profile.header.vcpus, _rows(counts, total, top), phases)
+                  profile.header.vcpus, _rows(counts, total, top), phases,
+                  samples[-1].t_ns if samples else 0)
 
 
 def phase_of_each(profile: Profile, symbols: Symbols | None) -> list[str]:
@@ -166,7 +175,8 @@ def _seconds(ns: int) -> str:
 
 
 def format_report(result: Report) -> str:
-    lines = [f"{result.total} samples at {result.hz} Hz from {result.vcpus} vCPU(s)"
+    lines = [f"{result.total} samples at {result.hz} Hz from {result.vcpus} vCPU(s) over "
+             f"{result.duration_ns / 1e9:.3f} s ({100 * result.coverage:.0f}% of the ticks)"
              + (f", {result.dropped} dropped (the ring was full)" if result.dropped else ""),
              "", f"{'samples':>8} {'%':>6}  ring  function"]
     for row in result.functions:
