@@ -34,7 +34,7 @@ class ProfilerError(PyvmmError):
 
 
 def check_hz(hz: int) -> int:
-    if not isinstance(hz, int) or not 1 <= hz <= MAX_HZ:
+    if type(hz) is not int or not 1 <= hz <= MAX_HZ:
         raise ProfilerError(f"bad profiling rate {hz!r}: use 1 to {MAX_HZ} samples per second")
     return hz
 
@@ -53,6 +53,13 @@ class GuestProfiler:
         self.machine = machine
         self.policy = policy
         vcpus = machine.vcpus
+        # The file first: once a vCPU has a ring, this object must live as long as it.
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                               0o644)
+        except OSError as exc:
+            raise ProfilerError(f"cannot write the profile {path}: "
+                                f"{exc.strerror or exc}") from None
         # Rings hold two drain intervals, so a slow writer drops nothing.
         capacity = max(256, int(2 * DRAIN_INTERVAL_S * hz) + 64)
         # The rings are ours, not the vCPUs': Machine.close() destroys the vCPUs before
@@ -63,17 +70,12 @@ class GuestProfiler:
             ring.samples, ring.capacity = samples, capacity
             rc = lib.pv_vcpu_sampling_enable(vcpu._native, ring)
             if rc < 0:
+                os.close(self._fd)
                 raise ProfilerError(f"cannot sample vCPU {vcpu.index}: {os.strerror(-rc)}")
         self._vcpu_array = ffi.new("struct pv_vcpu *[]", [v._native for v in vcpus])
         self._sampler = ffi.new("struct pv_sampler *")
         self._sampler.period_ns = 1_000_000_000 // self.hz
         self._batch = ffi.new("struct pv_sample[]", DRAIN_BATCH)
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                               0o644)
-        except OSError as exc:
-            raise ProfilerError(f"cannot write the profile {path}: "
-                                f"{exc.strerror or exc}") from None
         self.header = ProfileHeader(
             hz=self.hz, vcpus=len(vcpus), start_ns=lib.pv_monotonic_ns(),
             start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(
