@@ -291,14 +291,15 @@ def test_pyvmm_profile_prints_the_report_and_writes_a_flamegraph(tmp_path):
     assert "ring3;userspace;[user] 1" in out.read_text().splitlines()
 
 
-@pytest.mark.parametrize("which", ["profile", "symbols", "missing"])
+@pytest.mark.parametrize("which", ["profile", "symbols", "missing", "device"])
 def test_pyvmm_profile_on_bad_input_is_one_line_and_status_1(tmp_path, which):
     prof, sysmap = tmp_path / "p.prof", tmp_path / "System.map"
     prof.write_bytes(b"garbage\n" if which == "profile" else profile_bytes([]))
     sysmap.write_text("nonsense here please\n" if which == "symbols" else SYSTEM_MAP)
     if which == "missing":
         prof.unlink()
-    result = pyvmm("profile", str(prof), "--symbols", str(sysmap))
+    result = pyvmm("profile", "/dev/zero" if which == "device" else str(prof),
+                   "--symbols", str(sysmap))
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("pyvmm: error:")
     assert "Traceback" not in result.stderr

@@ -7,6 +7,8 @@ wrong is one ProfileError line, never another exception.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ KIND_SAMPLE, KIND_DROPPED = 0, 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_VCPUS = 1024
 MAX_HZ = 100_000
+MAX_PROFILE_BYTES = 4 << 30       # 1000 Hz x 4 vCPUs for two days
 
 
 class ProfileError(PyvmmError):
@@ -134,13 +137,24 @@ def parse_profile(data: bytes, source: str = "<profile>") -> Profile:
     return profile
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and check a profile file (ProfileError, one line, if it is not one)."""
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most limit bytes (not a FIFO or /dev/zero,
+    which would never end); ProfileError otherwise."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ProfileError(f"{path}: not a regular file")
+            if info.st_size > limit:
+                raise ProfileError(f"{path}: larger than {limit >> 20} MiB")
+            return f.read(limit + 1)[:limit]
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    return parse_profile(data, str(path))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and check a profile file (ProfileError, one line, if it is not one)."""
+    return parse_profile(read_regular_file(path, MAX_PROFILE_BYTES), str(path))
 
 
 def write_records(out: BinaryIO, records: bytes) -> None:

@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyvmm.profiler.fileformat import ProfileError
+from pyvmm.profiler.fileformat import ProfileError, read_regular_file
 
 TEXT_TYPES = frozenset("tTwW")
 MAX_LINE = 4096
 MAX_LINES = 5_000_000
+MAX_MAP_BYTES = 256 << 20        # Linux's own System.map is a few MiB
 # Level suffixes of initcall symbols (include/linux/init.h), longest first so that
 # "1s" is tried before "1".
 INITCALL_LEVELS = ("sysctlsearly", "sysctls", "rootfs", "early", "con", "0s", "1s", "2s",
@@ -41,12 +42,7 @@ class Symbols:
 
     @classmethod
     def from_system_map(cls, path: str | Path) -> "Symbols":
-        try:
-            with open(path, "rb") as f:
-                data = f.read(256 << 20)
-        except OSError as exc:
-            raise ProfileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-        return cls.parse(data, str(path))
+        return cls.parse(read_regular_file(path, MAX_MAP_BYTES), str(path))
 
     @classmethod
     def parse(cls, data: bytes, source: str = "<System.map>") -> "Symbols":
