@@ -182,6 +182,10 @@ def test_the_environment_chooses_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PYVMM_KERNEL_CACHE_MAX_MB", "5")
     assert KernelCache.from_environment() == KernelCache(tmp_path, 5 * MiB)
     monkeypatch.delenv("PYVMM_KERNEL_CACHE")
+    monkeypatch.delenv("PYVMM_CACHE", raising=False)
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert KernelCache.from_environment() is None      # a jail: no home to cache in
     monkeypatch.setenv("PYVMM_CACHE", str(tmp_path))
     assert KernelCache.from_environment().directory == tmp_path / "decompressed"
 

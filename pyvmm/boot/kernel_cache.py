@@ -42,7 +42,10 @@ class KernelCache:
         where = os.environ.get(ENV_DIRECTORY, "")
         if where.lower() == "off":
             return None
-        directory = Path(where) if where else cache_root() / "decompressed"
+        try:
+            directory = Path(where) if where else cache_root() / "decompressed"
+        except (RuntimeError, KeyError):     # no $HOME and no passwd entry: in `pyvmm jail`
+            return None
         try:
             max_bytes = int(os.environ.get(ENV_MAX_MB, "")) * MiB
         except ValueError:
