@@ -11,6 +11,7 @@ on `pyvmm <args>` with a cleared environment.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import resource
@@ -32,7 +33,9 @@ RLIMITS = {"fsize": resource.RLIMIT_FSIZE, "no-file": resource.RLIMIT_NOFILE}
 DEFAULT_NO_FILE = 2048                   # Firecracker's default
 KILL_AFTER_TERM = 10.0                   # s: a VMM that ignores SIGTERM (PID 1) is killed
 # The jailed interpreter's whole environment: nothing of the caller's leaks in.
-JAIL_ENV = {"LANG": "C.UTF-8", "HOME": "/"}
+# No kernel cache (pyvmm.boot.kernel_cache): it would write decompressed kernels into the
+# jail's own root, which holds only what this one VM needs and lives as long as it.
+JAIL_ENV = {"LANG": "C.UTF-8", "HOME": "/", "PYVMM_KERNEL_CACHE": "off"}
 
 
 class JailError(PyvmmError):
@@ -115,21 +118,33 @@ def pycache_prefix() -> str | None:
     return os.path.realpath(prefix) if prefix and os.path.isdir(prefix) else None
 
 
+# The third-party modules the jailed VMM may import, outside the standard library that
+# -S leaves on sys.path: cffi's backend (the C extension), and the decompressors of the
+# bzImage payloads pyvmm.boot.payload unpacks (imported when such a kernel boots).
+JAILED_IMPORTS = ("_cffi_backend", "lz4", "zstandard")
+
+
 def interpreter_argv(args: list[str], cache: str | None = None) -> list[str]:
     """The jailed interpreter's argv: isolated mode (-I: no PYTHON* variables, no user
     site, no script directory on sys.path), no site-packages processing (-S: no .pth
     file runs), no bytecode writes (-B: the binds are read-only); sys.path is the
-    standard library, the pyvmm package's parent and the directory of _cffi_backend.
+    standard library, the pyvmm package's parent and the directories of the third-party
+    modules pyvmm imports (JAILED_IMPORTS).
     Bytecode comes from __pycache__ beside the sources (compile it once: `python -m
     compileall pyvmm`), or from `cache` (PYTHONPYCACHEPREFIX's), read-only."""
     import pyvmm
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(pyvmm.__file__)))
-    extra = []
-    try:
-        import _cffi_backend
-        extra.append(os.path.dirname(_cffi_backend.__file__))
-    except ImportError:
-        pass
+    extra: list[str] = []
+    for name in JAILED_IMPORTS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        where = os.path.dirname(os.path.abspath(module.__file__ or ""))
+        if hasattr(module, "__path__"):          # a package: the directory that holds it
+            where = os.path.dirname(where)
+        if where not in extra:
+            extra.append(where)
     boot = ("import sys; " + (f"sys.pycache_prefix = {cache!r}; " if cache else "") +
             f"sys.path[:0] = [{package_parent!r}]; sys.path += {extra!r}; "
             "sys.argv[0] = 'pyvmm'; from pyvmm.cli import main; sys.exit(main())")
