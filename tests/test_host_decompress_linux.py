@@ -94,10 +94,10 @@ def test_builtin_bzimage_boots_to_init_decompressed_on_the_host_then_from_the_ca
     # First boot: an empty cache, so the payload is decompressed on the host; to /init.
     with run(guest.bzimage, "--cmdline", "pyvmm.cmd=true", cache=cache,
              initrd=guest.initramfs) as vm:
-        line = kernel_line(vm)
-        found = HOST.search(line)
-        assert found and not CACHED.search(line), line
-        assert found.group(1).lower() == "lz4", line          # the built-in kernel's payload
+        host_line = kernel_line(vm)
+        found = HOST.search(host_line)
+        assert found and not CACHED.search(host_line), host_line
+        assert found.group(1).lower() == "lz4", host_line     # the built-in kernel's payload
         vm.expect(FIRST_MESSAGE, timeout=FIRST_MESSAGE_TIMEOUT)
         vm.expect(INIT_MARKER, timeout=BOOT_TIMEOUT)
         code = vm.wait(120)                                    # /init reboots at once
@@ -111,8 +111,8 @@ def test_builtin_bzimage_boots_to_init_decompressed_on_the_host_then_from_the_ca
         line = kernel_line(vm)
         assert CACHED.search(line) and not IN_GUEST.search(line), line
         release, seconds = first_message(vm, FIRST_MESSAGE_TIMEOUT)
-    print(f"\nbuilt-in bzImage: host-decompressed boot to exit {first:.1f} s ({line}); "
-          f"from the cache: Linux {release}'s first message at {seconds:.1f} s")
+    print(f"\nbuilt-in bzImage: host-decompressed boot to exit {first:.1f} s ({host_line}); "
+          f"from the cache ({line}): Linux {release}'s first message at {seconds:.1f} s")
 
 
 def test_debian_xz_kernel_reaches_its_first_message_decompressed_on_the_host(debian, tmp_path):
