@@ -69,8 +69,7 @@ ALIASES = {"pyvmm-bzimage": "pyvmm-bz-guest"}
 BASELINE = {"pyvmm-pvh": "qemu-pvh", "pyvmm-bz-host": "qemu-bzimage",
             "pyvmm-bz-cached": "qemu-bzimage", "pyvmm-bz-guest": "qemu-bzimage",
             "pyvmm-debian-host": "qemu-debian", "pyvmm-debian-cached": "qemu-debian"}
-# The path each pyvmm variant must have taken, by its `pyvmm: kernel:` line (with
-# --no-host-decompress pyvmm prints none: nothing was tried on the host).
+# The path each pyvmm variant must have taken, by its `pyvmm: kernel:` line.
 EXPECTED_PATH = {"pyvmm-bz-host": re.compile(r"decompressed on the host", re.I),
                  "pyvmm-bz-cached": re.compile(r"from the cache", re.I),
                  "pyvmm-bz-guest": re.compile(r"in the guest", re.I),

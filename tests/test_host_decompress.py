@@ -193,7 +193,8 @@ def test_the_environment_chooses_the_cache(monkeypatch, tmp_path):
 def test_turned_off_the_bzimage_decompresses_itself(tmp_path, memory):
     image = compressed_bzimage(COMPRESSORS["xz"](vmlinux()))
     loaded = _load(tmp_path, memory, image, host_decompress=False)
-    assert loaded.decompression == "guest" and loaded.kernel_notice is None
+    assert loaded.decompression == "guest"
+    assert loaded.kernel_notice == f"{KERNEL_NOTICE}decompressing in the guest (--no-host-decompress)"
     assert loaded.entry.rip == HIMEM_START + STARTUP_64_OFFSET
     assert memory.read(HIMEM_START, 4) == b"\xf4" * 4
     assert memory.read(LOAD_ADDR, 16) == b"\0" * 16

@@ -149,7 +149,8 @@ def _load_bzimage(memory: GuestMemory, data: bytes, initrd: bytes, cmdline: str,
         _check_fits(memory, HIMEM_START, kernel_span, "kernel and its decompression space")
         memory.write(HIMEM_START, image.kernel)
         entry, kernel_end = HIMEM_START + STARTUP_64_OFFSET, HIMEM_START + kernel_span
-        decompression, notice = "guest", fallback
+        decompression = "guest"
+        notice = fallback or f"{KERNEL_NOTICE}decompressing in the guest (--no-host-decompress)"
     memory.write(CMDLINE_START, cmd)
     initrd_addr = 0
     if initrd:

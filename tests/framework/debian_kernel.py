@@ -20,9 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "firmware" / "fetch-debian-kernel.sh"
-# The bzImage's payload magics (the first bytes at payload_offset), by compression.
-PAYLOAD_MAGICS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"\x02\x21\x4c\x18": "lz4",
-                  b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma"}
 
 
 @dataclass(frozen=True)
@@ -95,17 +92,15 @@ def ensure(timeout: float = 600) -> DebianKernel:
 
 
 def payload_compression(path: Path) -> str:
-    """The compression of a bzImage's payload, from its magic ('unknown' if none known)."""
-    with open(path, "rb") as f:
-        head = f.read(0x250)
-        setup_sects = head[0x1F1] or 4
-        offset = (setup_sects + 1) * 512 + int.from_bytes(head[0x248:0x24C], "little")
-        f.seek(offset)
-        magic = f.read(8)
-    for prefix, name in PAYLOAD_MAGICS.items():
-        if magic.startswith(prefix):
-            return name
-    return "unknown"
+    """The compression of a bzImage's payload, as pyvmm's loader names it (or why none)."""
+    from pyvmm.boot.bzimage import parse_bzimage
+    from pyvmm.boot.errors import BootError
+    from pyvmm.boot.payload import payload_of
+    data = path.read_bytes()
+    try:
+        return payload_of(parse_bzimage(data, str(path)), data).compression
+    except BootError as exc:
+        return f"unknown ({exc})"
 
 
 if __name__ == "__main__":
