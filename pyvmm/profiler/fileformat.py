@@ -25,6 +25,7 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_VCPUS = 1024
 MAX_HZ = 100_000
 MAX_PROFILE_BYTES = 4 << 30       # 1000 Hz x 4 vCPUs for two days
+READ_CHUNK = 1 << 20
 
 
 class ProfileError(PyvmmError):
@@ -147,7 +148,15 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
                 raise ProfileError(f"{path}: not a regular file")
             if info.st_size > limit:
                 raise ProfileError(f"{path}: larger than {limit >> 20} MiB")
-            return f.read(limit + 1)[:limit]
+            # In chunks: read(limit) would allocate the whole limit (4 GiB) up front,
+            # a MemoryError on a small machine whatever the file's size.
+            chunks, size = [], 0
+            while size <= limit and (chunk := f.read(READ_CHUNK)):
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit:
+                raise ProfileError(f"{path}: larger than {limit >> 20} MiB")
+            return b"".join(chunks)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
 
