@@ -496,18 +496,18 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
-def user_error_exit(command: str, run: Callable[[], int]) -> int:
+def user_error_exit(command: str, run: Callable[[], int], status: int = EXIT_ERROR) -> int:
     """run(), with a user error (a PyvmmError, or an OSError naming a file) turned into
-    one line on stderr and EXIT_ERROR instead of a traceback."""
+    one line on stderr and `status` instead of a traceback."""
     try:
         return run()
     except PyvmmError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return status
     except OSError as exc:
         print(f"{command}: error: {exc.strerror or exc}"
               f"{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return EXIT_ERROR
+        return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,27 +41,29 @@ def _builtin_system_map(kernel: str | None) -> Path | None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from pyvmm.profiler import (ProfileError, Symbols, folded, format_report, load_profile,
-                                report)
+    from pyvmm.cli import user_error_exit
+    from pyvmm.profiler import Symbols, folded, format_report, load_profile, report
     if args.top < 1:
         print("pyvmm: error: --top must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
+    texts: list[str] = []
+
+    def build() -> int:
         profile = load_profile(args.file)
         symbols_path = args.symbols or _builtin_system_map(profile.header.kernel)
         symbols = Symbols.from_system_map(symbols_path) if symbols_path else None
-        text = format_report(report(profile, symbols, args.top))
+        texts.append(format_report(report(profile, symbols, args.top)))
         if symbols is None:
-            text += "\n(no --symbols: functions and boot phases need the kernel's System.map)\n"
+            texts.append("\n(no --symbols: functions and boot phases need the kernel's "
+                         "System.map)\n")
         if args.flamegraph is not None:
             args.flamegraph.write_text(folded(profile, symbols))
-    except ProfileError as exc:
-        print(f"pyvmm: error: {exc}", file=sys.stderr)
+        return 0
+
+    # A bad profile or map (a ProfileError), or a file that cannot be read: one line.
+    if user_error_exit("pyvmm", build, status=EXIT_BAD_INPUT):
         return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"pyvmm: error: {exc.strerror or exc}"
-              f"{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    text = "".join(texts)
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
