@@ -195,6 +195,8 @@ class LinuxVm(Closeable):
     def start(self, paused: bool = False) -> None:
         """Run the vCPUs; paused: they wait for resume() (a loaded snapshot)."""
         self.started_at = time.monotonic()
+        if paused:
+            self.iothread.pause()       # it starts parked, with the vCPUs
         self.iothread.start()
         self.machine.start(paused=paused)
 
@@ -208,9 +210,16 @@ class LinuxVm(Closeable):
         self.machine.stop()
 
     def pause(self) -> None:
+        """Park every vCPU, then the I/O thread: a paused VM's memory does not change,
+        so two snapshots in a row hold the same bytes."""
         self.machine.pause()
+        if not self.iothread.pause():
+            self.machine.resume()
+            raise VmError("the I/O thread did not pause within 5 s (a device backend is "
+                          "blocked in the host kernel); the VM runs on")
 
     def resume(self) -> None:
+        self.iothread.resume()
         self.machine.resume()
 
     def wait(self, timeout: float | None = None) -> VmResult | None:

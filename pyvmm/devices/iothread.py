@@ -26,6 +26,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 class IoThread:
+    """Pausable: while the VM is paused the loop serves nothing, so no device writes
+    guest memory (a frame arriving on the TAP waits in the TAP's queue, as it does
+    for QEMU's stopped VM) and a snapshot sees memory that does not change."""
+
     def __init__(self, name: str = "io") -> None:
         self._selector = selectors.DefaultSelector()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -36,6 +40,9 @@ class IoThread:
         self.error_count = 0
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=RECENT_ERRORS)
         self.seccomp: seccomp.Policy | None = None     # its "io" filter, set before start()
+        self._pause = threading.Condition()
+        self._pausing = False       # asked to serve nothing until resume()
+        self._parked = False        # the loop is waiting in _park()
 
     def add_eventfd(self, fd: int, handler: Handler) -> None:
         """Call handler (on the I/O thread) each time eventfd fd is signalled."""
@@ -70,13 +77,40 @@ class IoThread:
     def start(self) -> None:
         self._thread.start()
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Serve nothing until resume(); True once the loop is parked between handlers
+        (or was never started: it then starts parked).  False if a handler did not
+        return within timeout (a backend blocked in the host kernel)."""
+        with self._pause:
+            self._pausing = True
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return True
+        os.eventfd_write(self._wake, 1)
+        with self._pause:
+            return self._pause.wait_for(lambda: self._parked or self._stop, timeout)
+
+    def resume(self) -> None:
+        """From any thread; a no-op unless paused."""
+        with self._pause:
+            self._pausing = False
+            self._pause.notify_all()
+
+    def _park(self) -> None:
+        with self._pause:
+            self._parked = True
+            self._pause.notify_all()
+            self._pause.wait_for(lambda: not self._pausing or self._stop)
+            self._parked = False
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the loop; True if the thread ended within timeout.  A thread still in a
         handler (a backend blocked in the host kernel) is left to finish it: guest RAM
         it reaches through memoryviews stays mapped while they live."""
         if self._wake < 0:
             return True
-        self._stop = True
+        with self._pause:
+            self._stop = True
+            self._pause.notify_all()
         os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -90,7 +124,12 @@ class IoThread:
     def _loop(self) -> None:
         seccomp.enter_thread("io", self.seccomp, self._thread.name)
         while not self._stop:
+            if self._pausing:
+                self._park()
+                continue
             for key, _ in self._selector.select():
+                if self._pausing:
+                    break       # what is left stays ready (level-triggered) for resume()
                 if key.data is None:
                     self._run_calls()
                 else:
