@@ -39,6 +39,7 @@
 #define PV_OUT_UNHANDLED_MMIO 10  /* strict mode: no device and no RAM at addr */
 #define PV_OUT_UNKNOWN_EXIT 11    /* an exit reason the loop does not handle; see exit_reason */
 #define PV_OUT_RUN_ERROR 12       /* KVM_RUN failed; err = errno */
+#define PV_OUT_DEBUG 13           /* KVM_EXIT_DEBUG: info[0..3] = exception, pc, dr6, dr7 */
 
 #define PV_BUS_PIO 0
 #define PV_BUS_MMIO 1

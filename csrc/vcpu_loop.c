@@ -403,6 +403,16 @@ static int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outc
         out->info[0] = run->fail_entry.hardware_entry_failure_reason;
         out->ndata = 1;
         return 1;
+    case KVM_EXIT_DEBUG:
+        /* A guest-debug event (KVM_SET_GUEST_DEBUG): single-step, a debug-register or
+         * int3 hit.  x86's struct kvm_debug_exit_arch; the stub (pyvmm.gdb) decides. */
+        out->kind = PV_OUT_DEBUG;
+        out->info[0] = run->debug.arch.exception;
+        out->info[1] = run->debug.arch.pc;
+        out->info[2] = run->debug.arch.dr6;
+        out->info[3] = run->debug.arch.dr7;
+        out->ndata = 4;
+        return 1;
     case KVM_EXIT_IRQ_WINDOW_OPEN:
     case KVM_EXIT_INTR:
         return 0;

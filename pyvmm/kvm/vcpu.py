@@ -49,7 +49,7 @@ class ExitReason(enum.IntEnum):
 # constant of the same name in csrc/pyvmm.h.
 OUTCOME_NAMES = ("HALT", "SHUTDOWN", "SYSTEM_EVENT", "INTERNAL_ERROR", "FAIL_ENTRY", "STOPPED",
                  "DEVICE_STOP", "HANDLER_ERROR", "UNHANDLED_PIO", "UNHANDLED_MMIO",
-                 "UNKNOWN_EXIT", "RUN_ERROR")
+                 "UNKNOWN_EXIT", "RUN_ERROR", "DEBUG")
 OutcomeKind = enum.IntEnum("OutcomeKind",
                            [(name, getattr(lib, f"PV_OUT_{name}")) for name in OUTCOME_NAMES])
 
@@ -108,6 +108,10 @@ class Outcome:
             return f"vCPU {self.vcpu}: VM entry failed, hardware reason {reason:#x}{where}"
         if k == OutcomeKind.RUN_ERROR:
             return f"vCPU {self.vcpu}: KVM_RUN failed: {os.strerror(self.err)}{where}"
+        if k == OutcomeKind.DEBUG and len(self.info) >= 4:
+            exception, pc, dr6, dr7 = self.info[:4]
+            return (f"vCPU {self.vcpu}: debug exit, exception {exception} at pc={pc:#x} "
+                    f"dr6={dr6:#x} dr7={dr7:#x}")
         if k == OutcomeKind.UNKNOWN_EXIT:
             return f"vCPU {self.vcpu}: unhandled exit {ExitReason.name_of(self.exit_reason)}{where}"
         return f"vCPU {self.vcpu}: {k.name.lower()}{where}"
