@@ -183,17 +183,30 @@ class Process:
         return self.stderr_data().decode(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL to the process's session (it and what it started); reaps it."""
+        """SIGKILL to the process's session (it and what it started); reaps it.
+        AssertionError, with where its threads sleep in the kernel, if it outlives the
+        SIGKILL by KILL_GRACE seconds: a test fails instead of waiting forever."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.proc.wait()
+            try:
+                self.proc.wait(KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"pid {self.proc.pid} ({' '.join(self.argv[:4])} ...) still runs "
+                    f"{KILL_GRACE} s after SIGKILL, stuck in the host kernel: "
+                    f"{kernel_waits(self.proc.pid)}") from None
 
     def close(self) -> None:
         """Kill if still running, drain stdout, keep stderr, release the pipes and file."""
-        self.kill()
+        try:
+            self.kill()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         self._reader.join(10)
         if self._err_data is None:
             self._err_data = self.stderr_data()
@@ -210,6 +223,35 @@ class Process:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+KILL_GRACE = 60.0     # s: a SIGKILLed process is gone in milliseconds unless the kernel holds it
+
+
+def kernel_waits(pid: int) -> str:
+    """Each thread's state, wait channel and kernel stack (root reads those): what
+    holds a process that a SIGKILL did not end."""
+    lines = []
+    try:
+        tasks = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as exc:
+        return f"/proc/{pid}: {exc.strerror}"
+    for tid in tasks[:16]:
+        base = f"/proc/{pid}/task/{tid}"
+        parts = []
+        for name in ("comm", "wchan", "stack"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    parts.append(f.read().strip().replace("\n", " | ")[:600])
+            except OSError as exc:
+                parts.append(f"({name}: {exc.strerror})")
+        try:
+            with open(f"{base}/stat") as f:
+                parts.insert(1, "state " + f.read().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            pass
+        lines.append(f"[{tid}] " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def run_pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
