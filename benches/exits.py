@@ -6,6 +6,8 @@ guest binary runs under:
 
   bare    benches/bare_loop.c: KVM_RUN and an inline answer, nothing else
   c       pyvmm with the C Scratch device (bus lookup + C handler, no GIL)
+  c-traced  the same as c with the exit trace on (pyvmm.trace: a record per exit
+          into a ring, drained into a file by a thread): its cost is c-traced / c
   python  pyvmm with a trivial Python device (the GIL and a Python call per exit)
 
 ns/exit is the wall time of the whole run divided by `exits`, nothing
@@ -39,7 +41,7 @@ from pyvmm.machine import Bus
 from pyvmm.testbed import TEST_MMIO_BASE, Mode, TinyVm, assemble
 
 PIO_BASE = 0x500            # a 4 KiB port range clear of debugcon (0xe9) and debug-exit (0xf4)
-HANDLERS = ("bare", "c", "python")
+HANDLERS = ("bare", "c", "c-traced", "python")
 # QEMU on this host adds 0.5 us to a 6.5 us bare round trip; the goal for C-handled exits.
 C_GOAL_RATIO = 7.0 / 6.5
 
@@ -106,18 +108,25 @@ def run_bare(binary: Path, guest: Path, exits: int) -> Sample:
     return Sample(result["ns"], result["user_ns"], result["sys_ns"])
 
 
-def run_pyvmm(code: bytes, access: Access, handler: str, exits: int) -> Sample:
-    """Times vm.run(): start the vCPU thread, run the C loop, join."""
+def run_pyvmm(code: bytes, access: Access, handler: str, exits: int,
+              trace_dir: Path | None = None) -> Sample:
+    """Times vm.run(): start the vCPU thread, run the C loop, join.  c-traced: with
+    a TraceRecorder writing into trace_dir (its thread drains while the guest runs)."""
     with TinyVm(Mode.LONG_RING0) as vm:
-        if handler == "c":
+        if handler in ("c", "c-traced"):
             Scratch(vm.machine, access.bus, access.base, name="dev")
         else:
             vm.machine.add_device(access.bus, access.base, SCRATCH_SIZE, PyScratch(), name="dev")
         vm.load(code)
+        if handler == "c-traced":
+            from pyvmm.trace.recorder import TraceRecorder
+            recorder = TraceRecorder(vm.machine, (trace_dir or Path("/tmp")) / "exits.trace")
         ru0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter_ns()
         outcome = vm.run(timeout=60 + exits * 1e-3)
         elapsed, ru1 = time.perf_counter_ns() - start, resource.getrusage(resource.RUSAGE_SELF)
         served = vm.machine.stats()["devices"]["dev"]
+    if handler == "c-traced" and (recorder.stats.written != exits + 1 or recorder.error):
+        raise RuntimeError(f"{access.name}/{handler}: {recorder.stats}, {recorder.error!r}")
     if outcome.kind != OutcomeKind.DEVICE_STOP or served != exits:
         raise RuntimeError(f"{access.name}/{handler}: {outcome.describe()}, {served} exits served")
     return Sample(elapsed, round((ru1.ru_utime - ru0.ru_utime) * 1e9),
@@ -128,7 +137,7 @@ def run_one(bare: Path, guest: Path, code: bytes, access: Access, handler: str,
             exits: int) -> Sample:
     if handler == "bare":
         return run_bare(bare, guest, exits)
-    return run_pyvmm(code, access, handler, exits)
+    return run_pyvmm(code, access, handler, exits, guest.parent)
 
 
 Samples = dict[str, dict[str, dict[str, list[float]]]]   # access -> handler -> metric -> ns/exit
@@ -169,7 +178,7 @@ def measure(exits: int, reps: int, log: Any = sys.stderr) -> Samples:
 
 def summarize(samples: Samples) -> dict[str, dict[str, dict[str, Stats]]]:
     """Per access and handler: stats of each metric (ns/exit), and of the wall-time
-    ratio to bare in the same repetition."""
+    ratio to bare in the same repetition; c-traced also to c ("trace_ratio")."""
     summary: dict[str, dict[str, dict[str, Stats]]] = {}
     for access, by_handler in samples.items():
         base = by_handler["bare"]["wall"]
@@ -177,15 +186,18 @@ def summarize(samples: Samples) -> dict[str, dict[str, dict[str, Stats]]]:
             h: {**{m: Stats.of(v) for m, v in metrics.items()},
                 "ratio": Stats.of([w / b for w, b in zip(metrics["wall"], base)])}
             for h, metrics in by_handler.items()}
+        summary[access]["c-traced"]["trace_ratio"] = Stats.of(
+            [t / c for t, c in zip(by_handler["c-traced"]["wall"], by_handler["c"]["wall"])])
     return summary
 
 
 def report(facts: dict[str, Any], params: dict[str, int],
            summary: dict[str, dict[str, dict[str, Stats]]]) -> str:
-    headers = ["access", "bare ns/exit", "C ns/exit", "C / bare", "Python ns/exit",
-               "Python / bare"]
+    headers = ["access", "bare ns/exit", "C ns/exit", "C / bare", "C traced ns/exit",
+               "traced / C", "Python ns/exit", "Python / bare"]
     rows = [[access, s["bare"]["wall"].format(),
              s["c"]["wall"].format(), s["c"]["ratio"].format(".3f"),
+             s["c-traced"]["wall"].format(), s["c-traced"]["trace_ratio"].format(".3f"),
              s["python"]["wall"].format(), s["python"]["ratio"].format(".3f")]
             for access, s in summary.items()]
     cpu_headers = ["access"] + [f"{h} {m}" for h in HANDLERS for m in ("user", "sys")]
@@ -202,10 +214,18 @@ def report(facts: dict[str, Any], params: dict[str, int],
         "",
         f"Goal for C-handled exits: <= {C_GOAL_RATIO:.3f}x bare (QEMU's +0.5 us on 6.5 us); "
         f"worst C median {worst_c:.3f}x: {verdict} (measured, not asserted).",
+        "The exit trace's cost (pyvmm run --trace): C traced / C, same repetition, "
+        f"median of the accesses {_median_trace_ratio(summary):.3f}x.",
         "",
         "CPU time per exit of the VMM process, ns, median (user = the VMM's own code):",
         harness.format_table(cpu_headers, cpu_rows),
     ])
+
+
+def _median_trace_ratio(summary: dict[str, dict[str, dict[str, Stats]]]) -> float:
+    ratios = sorted(s["c-traced"]["trace_ratio"].median for s in summary.values())
+    return ratios[len(ratios) // 2] if len(ratios) % 2 else \
+        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -153,6 +153,47 @@ uint32_t pv_samples_drain(struct pv_sample_ring *ring, struct pv_sample *out, ui
 uint64_t pv_sampler_run(struct pv_sampler *s, struct pv_vcpu **vcpus, uint32_t nvcpus, uint32_t ticks);
 uint64_t pv_monotonic_ns(void);
 
+/*
+ * Exit trace (pyvmm.trace).  With a ring given (pv_vcpu_trace_enable), the vCPU thread
+ * writes one record per KVM exit into it, after the exit is handled: no lock, no
+ * allocation, no Python.  Without one the loop pays one predictable branch per exit.
+ * The layout of struct pv_trace_rec is the record of the trace file (docs/trace.md).
+ */
+#define PV_TRACE_KIND_EXIT 0
+#define PV_TRACE_KIND_DROPPED 1   /* written by Python: value = exits lost on vcpu (ring full) */
+#define PV_TRACE_KIND_OVER_LIMIT 2 /* written by Python: value = exits not written (file limit) */
+#define PV_TRACE_KIND_END 3       /* written by Python, last: value = exit records in the file */
+#define PV_TRACE_NO_BUS 255       /* bus of an exit that is not PIO or MMIO */
+struct pv_trace_rec {
+    uint64_t t_ns;                /* CLOCK_MONOTONIC when KVM_RUN returned */
+    uint64_t addr;                /* port or guest-physical address (I/O exits), else 0 */
+    uint64_t value;               /* first element written, or read as the handler answered */
+    uint32_t handler_ns;          /* from KVM_RUN's return to the end of the handling */
+    uint16_t vcpu;
+    uint16_t reason;              /* KVM_EXIT_* */
+    int16_t range;                /* range index on the bus, -1 for none */
+    uint16_t count;               /* elements of a rep ins/outs (1 otherwise, 0 if not I/O) */
+    uint8_t bus;                  /* PV_BUS_*, or PV_TRACE_NO_BUS */
+    uint8_t size;                 /* bytes per element: 1, 2, 4 or 8; 0 if not I/O */
+    uint8_t is_write;
+    uint8_t kind;                 /* PV_TRACE_KIND_* */
+};
+/* Single producer (the vCPU thread), single consumer (the drain thread).  Owned by the
+ * caller, which keeps it alive as long as the vCPU may run (it outlives the vCPU). */
+struct pv_trace_ring {
+    struct pv_trace_rec *recs;
+    uint32_t capacity;
+    uint32_t head;                /* written by the vCPU thread only */
+    uint32_t tail;                /* written by the draining thread only */
+    uint32_t reserved;
+    uint64_t recorded;            /* records stored */
+    uint64_t dropped;             /* exits not recorded because the ring was full */
+};
+/* Gives the vCPU its trace ring; 0, -EINVAL (no capacity), -EEXIST or -EBADF (destroyed). */
+int pv_vcpu_trace_enable(struct pv_vcpu *vcpu, struct pv_trace_ring *ring);
+/* Moves up to max records out of the ring (one thread at a time); the number moved. */
+uint32_t pv_trace_drain(struct pv_trace_ring *ring, struct pv_trace_rec *out, uint32_t max);
+
 void pv_machine_init(struct pv_machine *m);
 /* 0, or -EINVAL (empty/wrapping range), -EEXIST (overlap), -ENOSPC (bus full). */
 int pv_bus_add(struct pv_bus *bus, uint64_t base, uint64_t len, pv_io_fn fn, void *opaque, const char *name);

@@ -30,6 +30,7 @@ struct pv_vcpu_private {
     volatile int stop_requested;
     int sample_requested;     /* the guest profiler asked for a sample (atomics only) */
     struct pv_sample_ring *ring;  /* the profiler's, NULL unless sampling: never freed here */
+    struct pv_trace_ring *trace;  /* the exit trace's, NULL unless tracing: never freed here */
 };
 
 /*
@@ -356,6 +357,118 @@ static int handle_mmio(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outc
     return 1;
 }
 
+/* -- the exit trace ---------------------------------------------------------------
+ *
+ * pv_vcpu_run() checks p->trace once per exit (one well-predicted branch when it is
+ * NULL); with a ring it goes through traced_exit(), which times handle_exit() and
+ * appends one record.  A full ring drops the record and counts it: the vCPU never
+ * waits for the drain.
+ */
+int pv_vcpu_trace_enable(struct pv_vcpu *vcpu, struct pv_trace_ring *ring)
+{
+    struct pv_vcpu_private *p;
+    int rc = 0;
+
+    if (!ring->recs || ring->capacity == 0)
+        return -EINVAL;
+    pthread_mutex_lock(&life_lock);
+    p = vcpu->priv;
+    if (!p || p->orphaned)
+        rc = -EBADF;
+    else if (p->trace)
+        rc = -EEXIST;
+    else
+        __atomic_store_n(&p->trace, ring, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&life_lock);
+    return rc;
+}
+
+uint32_t pv_trace_drain(struct pv_trace_ring *r, struct pv_trace_rec *out, uint32_t max)
+{
+    uint32_t n = 0;
+    uint32_t tail = r->tail;
+    uint32_t head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+
+    for (; tail != head && n < max; tail++, n++)
+        out[n] = r->recs[tail % r->capacity];
+    __atomic_store_n(&r->tail, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+/* What the exit was, read from kvm_run after it was handled (KVM rewrites it only at
+ * the next KVM_RUN), so a read's value is what the device answered. */
+static void describe_exit(struct pv_vcpu_private *p, struct kvm_run *run, struct pv_trace_rec *rec)
+{
+    const struct pv_bus *bus;
+    uint32_t len;
+    int i;
+
+    rec->reason = (uint16_t)run->exit_reason;
+    rec->addr = 0;
+    rec->value = 0;
+    rec->range = -1;
+    rec->count = 0;
+    rec->bus = PV_TRACE_NO_BUS;
+    rec->size = 0;
+    rec->is_write = 0;
+    if (run->exit_reason == KVM_EXIT_IO) {
+        len = run->io.size <= 8 ? run->io.size : 8;
+        rec->bus = PV_BUS_PIO;
+        rec->addr = run->io.port;
+        rec->size = (uint8_t)len;
+        rec->is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        rec->count = run->io.count <= 0xffff ? (uint16_t)run->io.count : 0xffff;
+        if (run->io.data_offset + len <= p->run_size)
+            memcpy(&rec->value, (uint8_t *)run + run->io.data_offset, len);
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        len = run->mmio.len <= 8 ? run->mmio.len : 8;
+        rec->bus = PV_BUS_MMIO;
+        rec->count = 1;
+        rec->addr = run->mmio.phys_addr;
+        rec->size = (uint8_t)len;
+        rec->is_write = run->mmio.is_write;
+        memcpy(&rec->value, run->mmio.data, len);
+    } else {
+        return;
+    }
+    /* The range dispatch() chose: the same lookup again, paid only when tracing. */
+    bus = &p->machine->buses[rec->bus];
+    i = pv_bus_find(bus, rec->addr);
+    if (i >= 0 && rec->addr + rec->size <= bus->ranges[i].base + bus->ranges[i].len)
+        rec->range = (int16_t)i;
+}
+
+/* Inlined at both of its call sites, so that the untraced loop stays as it was before
+ * the trace: one branch more per exit, no call. */
+#define PV_ALWAYS_INLINE inline __attribute__((always_inline))
+static PV_ALWAYS_INLINE int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run,
+                                        struct pv_outcome *out);
+
+/* Out of line: the untraced loop keeps its size in the instruction cache. */
+static __attribute__((noinline)) int traced_exit(struct pv_vcpu *vcpu, struct pv_vcpu_private *p,
+                                                 struct pv_trace_ring *r, struct kvm_run *run,
+                                                 struct pv_outcome *out, uint64_t t0)
+{
+    int done = handle_exit(vcpu, run, out);
+    uint64_t spent = pv_monotonic_ns() - t0;
+    uint32_t head = r->head;
+    struct pv_trace_rec *rec;
+
+    if (head - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) >= r->capacity) {
+        r->dropped++;
+        return done;
+    }
+    rec = &r->recs[head % r->capacity];
+    describe_exit(p, run, rec);
+    rec->t_ns = t0;
+    rec->handler_ns = spent <= 0xffffffffu ? (uint32_t)spent : 0xffffffffu;
+    rec->vcpu = (uint16_t)vcpu->index;
+    rec->kind = PV_TRACE_KIND_EXIT;
+    __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
+    r->recorded++;
+    return done;
+}
+
 static void copy_internal_error(struct kvm_run *run, struct pv_outcome *out)
 {
     uint32_t n = run->internal.ndata;
@@ -377,7 +490,8 @@ static void copy_system_event(struct kvm_run *run, struct pv_outcome *out)
 }
 
 /* Returns 1 when the exit ended the run. */
-static int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outcome *out)
+static PV_ALWAYS_INLINE int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run,
+                                        struct pv_outcome *out)
 {
     switch (run->exit_reason) {
     case KVM_EXIT_IO:
@@ -425,7 +539,9 @@ static int handle_exit(struct pv_vcpu *vcpu, struct kvm_run *run, struct pv_outc
 void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
 {
     struct pv_vcpu_private *p;
+    struct pv_trace_ring *trace;
     struct kvm_run *run;
+    int done;
 
     memset(out, 0, sizeof(*out));
     out->range_index = -1;
@@ -466,7 +582,12 @@ void pv_vcpu_run(struct pv_vcpu *vcpu, struct pv_outcome *out)
             break;
         }
         vcpu->exits[run->exit_reason < PV_EXIT_REASONS ? run->exit_reason : PV_EXIT_REASONS - 1]++;
-        if (handle_exit(vcpu, run, out)) {
+        trace = __atomic_load_n(&p->trace, __ATOMIC_ACQUIRE);   /* a plain load on x86 */
+        if (__builtin_expect(trace != NULL, 0))
+            done = traced_exit(vcpu, p, trace, run, out, pv_monotonic_ns());
+        else
+            done = handle_exit(vcpu, run, out);
+        if (done) {
             out->exit_reason = run->exit_reason;
             break;
         }

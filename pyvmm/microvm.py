@@ -106,7 +106,9 @@ class MicroVM(Closeable):
                  spec: VmSpec | None = None, seccomp: Any = True,
                  host_decompress: bool = True,
                  profile_guest: str | os.PathLike | None = None,
-                 profile_hz: int | None = None) -> None:
+                 profile_hz: int | None = None,
+                 trace: str | os.PathLike | None = None,
+                 trace_limit_mib: int | None = None) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH.  vsock: a
@@ -124,6 +126,15 @@ class MicroVM(Closeable):
         if profile_guest is not None:
             from pyvmm.profiler.recorder import DEFAULT_HZ, check_hz
             self.profile_hz = check_hz(DEFAULT_HZ if profile_hz is None else profile_hz)
+        # trace: record every exit into this file, at most trace_limit_mib MiB of it
+        # (docs/trace.md; `pyvmm trace` reads it).
+        self.trace = trace
+        self.tracer = None                   # pyvmm.trace.recorder.TraceRecorder
+        self.trace_limit_mib = trace_limit_mib
+        if trace is not None:
+            from pyvmm.trace.recorder import DEFAULT_LIMIT_MIB, check_limit_mib
+            self.trace_limit_mib = check_limit_mib(
+                DEFAULT_LIMIT_MIB if trace_limit_mib is None else trace_limit_mib)
         if spec is None:
             if kernel is None:
                 from pyvmm import builtin_guest
@@ -314,6 +325,7 @@ class MicroVM(Closeable):
                 part.seccomp = self.seccomp     # each of their threads filters itself
         try:
             self._start_profiler(vm)
+            self._start_trace(vm)
             vm.start(paused=True) if paused else vm.start()
         except BaseException:
             self._vm = None
@@ -336,6 +348,18 @@ class MicroVM(Closeable):
         self.profiler = GuestProfiler(machine, self.profile_guest, self.profile_hz,
                                       kernel=str(boot.kernel_image_path) if boot else None,
                                       policy=self.seccomp)
+
+    def _start_trace(self, vm: Any) -> None:
+        """Before the vCPUs start, after the devices are placed (their names go in the
+        trace's header); the recorder stops itself when the machine is released."""
+        machine = getattr(vm, "machine", None)
+        if self.trace is None or machine is None:
+            return
+        from pyvmm.trace.recorder import TraceRecorder
+        boot = self.spec.boot_source
+        self.tracer = TraceRecorder(machine, self.trace, self.trace_limit_mib,
+                                    kernel=str(boot.kernel_image_path) if boot else None,
+                                    policy=self.seccomp)
 
     # -- snapshots ------------------------------------------------------------------------
 

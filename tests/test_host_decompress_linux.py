@@ -91,8 +91,9 @@ def first_message(proc: Process, timeout: float) -> tuple[str, float]:
 def test_builtin_bzimage_boots_to_init_decompressed_on_the_host_then_from_the_cache(
         guest, tmp_path):
     cache = tmp_path / "kernels"
+    trace = tmp_path / "boot.trace"         # the exit trace of a real boot, checked below
     # First boot: an empty cache, so the payload is decompressed on the host; to /init.
-    with run(guest.bzimage, "--cmdline", "pyvmm.cmd=true", cache=cache,
+    with run(guest.bzimage, "--cmdline", "pyvmm.cmd=true", "--trace", str(trace), cache=cache,
              initrd=guest.initramfs) as vm:
         host_line = kernel_line(vm)
         found = HOST.search(host_line)
@@ -105,6 +106,7 @@ def test_builtin_bzimage_boots_to_init_decompressed_on_the_host_then_from_the_ca
     assert code == 0, f"exit {code}: {vm.stderr()[-2000:]}\n{bytes(vm.out[-2000:])!r}"
     cached = [p for p in cache.rglob("*") if p.is_file()]
     assert cached, f"nothing was cached in {cache}"
+    check_boot_trace(trace, vm.stderr())
 
     # Second boot of the same file: the decompressed kernel comes from the cache.
     with run(guest.bzimage, cache=cache, initrd=guest.initramfs) as vm:
@@ -113,6 +115,19 @@ def test_builtin_bzimage_boots_to_init_decompressed_on_the_host_then_from_the_ca
         release, seconds = first_message(vm, FIRST_MESSAGE_TIMEOUT)
     print(f"\nbuilt-in bzImage: host-decompressed boot to exit {first:.1f} s ({host_line}); "
           f"from the cache ({line}): Linux {release}'s first message at {seconds:.1f} s")
+
+
+def check_boot_trace(path: Path, stderr: str) -> None:
+    """`pyvmm run --trace` of a boot: a whole trace, with the console's port writes."""
+    from pyvmm.trace import load_summary
+    written = re.search(r"^pyvmm: trace: (\d+) exits written to ", stderr, re.M)
+    assert written, stderr[-2000:]
+    summary = load_summary(path)
+    assert summary.exits == int(written.group(1)) > 0
+    assert summary.by_reason.get("IO", 0) > 1000, summary.by_reason
+    serial = [a for a in summary.busiest(50) if a.device == "serial" and a.addr == 0x3F8]
+    assert serial and serial[0].writes > 1000, summary.busiest(10)  # the boot log, a byte each
+    assert summary.latency["serial"].count > 1000
 
 
 def test_debian_xz_kernel_reaches_its_first_message_decompressed_on_the_host(debian, tmp_path):

@@ -106,6 +106,8 @@ class ApiController:
             R(r"/serial", PUT=self.put_serial),
             R(r"/snapshot/create", PUT=self.put_snapshot_create),
             R(r"/snapshot/load", PUT=self.put_snapshot_load),
+            # pyvmm's own (Firecracker has no /pyvmm): `pyvmm stat` polls it.
+            R(r"/pyvmm/stats", GET=self.get_pyvmm_stats),
         ]
 
     @staticmethod
@@ -267,6 +269,22 @@ class ApiController:
         if self.vm.state != "Not started":
             raise ApiError(AFTER_START)
         self.vm.load_snapshot(LoadRequest.from_json(body))
+
+    def get_pyvmm_stats(self) -> dict:
+        """The exit and device counters (`pyvmm run --stats`'s), live, with the
+        exits summed over vCPUs and the server's clock, so rates need no other clock."""
+        from pyvmm.kvm import lib
+        stats = self.vm.stats
+        exits: dict[str, int] = {}
+        for per_vcpu in stats.get("vcpus", []):
+            for reason, count in per_vcpu.items():
+                exits[reason] = exits.get(reason, 0) + count
+        result = {"state": self.vm.state, "monotonic_ns": lib.pv_monotonic_ns(),
+                  "exits": exits, "devices": stats.get("devices", {}), "stats": stats}
+        tracer = getattr(self.vm, "tracer", None)
+        if tracer is not None:
+            result["trace"] = tracer.stats.as_json()
+        return result
 
     def get_vm_config(self) -> dict:
         return self.vm.spec.to_json()
