@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class LinuxVm(Closeable):
             raise VmError(f"{devices} virtio devices is too many: at most {MAX_VIRTIO_DEVICES}")
         self.spec = spec
         self.console = console
+        self.gdb = None                 # pyvmm.gdb.server.GdbServer (gdb_socket_path)
         console.watch(INIT_MARKER)
         machine_config = spec.machine_config
         self._closed = False
@@ -195,10 +197,31 @@ class LinuxVm(Closeable):
     def start(self, paused: bool = False) -> None:
         """Run the vCPUs; paused: they wait for resume() (a loaded snapshot)."""
         self.started_at = time.monotonic()
+        self._start_gdb()
         if paused:
             self.iothread.pause()       # it starts parked, with the vCPUs
         self.iothread.start()
         self.machine.start(paused=paused)
+        if self.gdb is not None:
+            self.gdb.start()            # gdb finds the vCPUs running (or held)
+
+    def _start_gdb(self) -> None:
+        """machine-config.gdb_socket_path: the gdb stub listens before the vCPUs start
+        (connections wait in its backlog; start() serves them once the vCPUs run), and
+        with gdb_wait the vCPUs are held before their first instruction."""
+        address = self.spec.machine_config.gdb_socket_path
+        if address is None:
+            return
+        from pyvmm.gdb.server import GdbServer
+        from pyvmm.gdb.target import Debugger
+        debugger = Debugger(self.machine, pvm=self.pvm)
+        debugger.attach()
+        self.gdb = GdbServer(debugger, address)
+        if self.spec.machine_config.gdb_wait:
+            debugger.hold_at_start()
+        wait = ", the guest waits for it" if self.spec.machine_config.gdb_wait else ""
+        print(f"pyvmm: gdb: listening on {address} (gdb: target remote {address}){wait}",
+              file=sys.stderr, flush=True)
 
     def snapshot(self, snapshot_path: str, mem_file_path: str,
                  snapshot_type: str = "Full") -> "SnapshotResult":
@@ -301,6 +324,8 @@ class LinuxVm(Closeable):
         if self._closed:
             return
         self._closed = True
+        if self.gdb is not None:
+            self.gdb.close()
         if not self.iothread.stop():
             log.warning("close(): the I/O thread is still in a device handler; it ends "
                         "when the handler returns")

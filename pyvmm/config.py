@@ -281,10 +281,16 @@ class MachineConfig:
     smt: bool = False
     track_dirty_pages: bool = False
     huge_pages: str = "None"
+    # The gdb stub (pyvmm.gdb): a Unix socket path (Firecracker's name) or HOST:PORT,
+    # and whether the vCPUs wait for gdb before their first instruction (Firecracker's
+    # gdb always waits; `pyvmm run --gdb` without --gdb-wait does not).
+    gdb_socket_path: str | None = None
+    gdb_wait: bool = True
 
     FIELDS = {"vcpu_count": (int, True), "mem_size_mib": (int, True), "smt": (bool, False),
               "track_dirty_pages": (bool, False), "huge_pages": (str, False),
-              "cpu_template": (str, False)}
+              "cpu_template": (str, False), "gdb_socket_path": (str, False),
+              "gdb_wait": (bool, False)}
     UNSUPPORTED = {"huge_pages": "None", "cpu_template": "None"}
 
     @classmethod
@@ -313,11 +319,16 @@ class MachineConfig:
         if not MIN_MEM_MIB <= self.mem_size_mib <= MAX_MEM_MIB:
             raise ConfigError(f"{where}: mem_size_mib {self.mem_size_mib} is out of range: use "
                               f"{MIN_MEM_MIB} to {MAX_MEM_MIB}")
+        if self.gdb_socket_path is not None and not self.gdb_socket_path:
+            raise ConfigError(f"{where}: gdb_socket_path must not be empty")
 
     def to_json(self) -> dict:
-        return {"vcpu_count": self.vcpu_count, "mem_size_mib": self.mem_size_mib,
+        body = {"vcpu_count": self.vcpu_count, "mem_size_mib": self.mem_size_mib,
                 "smt": self.smt, "track_dirty_pages": self.track_dirty_pages,
                 "huge_pages": self.huge_pages}
+        if self.gdb_socket_path is not None:        # reported only when set
+            body.update(gdb_socket_path=self.gdb_socket_path, gdb_wait=self.gdb_wait)
+        return body
 
 
 @dataclass

@@ -132,6 +132,10 @@ class Machine(Closeable):
         self.vcpus: list[VcpuFd] = []
         self.bindings: dict[Bus, list[DeviceBinding]] = {Bus.PIO: [], Bus.MMIO: []}
         self.exit_hooks: list[ExitHook] = []
+        # The gdb stub's (pyvmm.gdb.target.Debugger): a kicked vCPU calls it after any
+        # pause, and it holds the vCPU while the debugger has every vCPU stopped.
+        # Only kicks reach it, so the run loop pays nothing for it.
+        self.debug_hold: Callable[[VcpuFd], None] | None = None
         self.outcome: Outcome | None = None            # the first final outcome
         self.outcomes: list[Outcome | None] = [None] * vcpus
         # Linux guests: the first vCPU to end ends the VM.  Test guests may let
@@ -263,6 +267,8 @@ class Machine(Closeable):
                 outcome = vcpu.run(with_regs=False)
                 if outcome.kind == OutcomeKind.STOPPED and not self._stopping:
                     self._park_while_paused()
+                    if self.debug_hold is not None:
+                        self.debug_hold(vcpu)
                     continue    # resumed, or a stale kick from a vCPU that already finished
                 outcome = vcpu.with_regs(outcome)
                 if outcome.kind != OutcomeKind.STOPPED and not self._closed and \

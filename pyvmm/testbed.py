@@ -17,7 +17,7 @@ snippet, load it, run it, look at the outcome and the exit counters.
 
 Each mode gets the least a CPU needs: real mode starts at 0000:7c00; the
 64-bit modes get a GDT, a TSS, identity page tables for the low 4 GiB (user
-accessible, so ring 3 can touch MMIO) and an empty IDT, so that any exception
+accessible in ring-3 mode, so ring 3 can touch MMIO) and an empty IDT, so that any exception
 ends in a triple fault (OutcomeKind.SHUTDOWN) instead of running wild.
 Ring 3 runs with IOPL 3, so `in`/`out` work there on hardware KVM; KVM PVM
 ignores IOPL in guest ring 3, so ring-3 guests that must run everywhere end
@@ -35,6 +35,7 @@ from pathlib import Path
 from pyvmm.closing import Closeable
 from pyvmm.devices.debug import DebugCon, DebugExit
 from pyvmm.errors import PyvmmError
+from pyvmm.gdb.target import Action, BpKind, Debugger, StopEvent
 from pyvmm.kvm import Outcome, VcpuFd
 from pyvmm.machine import Machine
 from pyvmm.memory import MiB
@@ -130,6 +131,7 @@ class TinyVm(Closeable):
         self.debugcon = DebugCon(self.machine)
         self.debug_exit = DebugExit(self.machine, mmio_base=DEBUG_EXIT_MMIO)
         self.entry: int | None = None
+        self._debugger: Debugger | None = None
         if mode != Mode.REAL:
             self._write_long_mode_tables()
 
@@ -157,7 +159,9 @@ class TinyVm(Closeable):
         mem.fill(TSS_ADDR, TSS_LIMIT + 1)
         mem.write_int(TSS_ADDR + 4, 8, RING0_STACK_TOP)          # RSP0
         mem.write_int(TSS_ADDR + 0x66, 2, TSS_LIMIT + 1)         # no I/O bitmap
-        flags = PTE_PRESENT | PTE_RW | PTE_USER
+        # Ring 0 guests get supervisor pages: the debugger (pyvmm.gdb.target) tells kernel
+        # from user code by the U/S bit, as in a real kernel's page tables.
+        flags = PTE_PRESENT | PTE_RW | (PTE_USER if self.mode == Mode.LONG_RING3 else 0)
         mem.write_int(PML4_ADDR, 8, PDPT_ADDR | flags)
         for gib in range(4):
             pd = PD_ADDR + gib * 0x1000
@@ -200,9 +204,80 @@ class TinyVm(Closeable):
     def run(self, timeout: float | None = 30.0) -> Outcome:
         if self.entry is None:
             raise PyvmmError("nothing loaded: call load() first")
-        outcome = self.machine.run(timeout)
+        if self._debugger is not None and self.machine._threads:
+            # Started under the debugger: let it go, undebugged, to its end.
+            self._debugger.detach()
+            outcome = self.machine.wait(timeout)
+            if outcome is None:
+                self.machine.stop()
+                outcome = self.machine.wait()
+            assert outcome is not None
+        else:
+            outcome = self.machine.run(timeout)
         self.debugcon.drain()
         return outcome
+
+    # -- debugging (the gdb stub's machinery, pyvmm.gdb.target) -------------------
+
+    @property
+    def debugger(self) -> Debugger:
+        """The Debugger, attached on first use; the guest starts held at its entry."""
+        if self._debugger is None:
+            self._debugger = Debugger(self.machine)
+            self._debugger.attach()
+        return self._debugger
+
+    def _started(self) -> Debugger:
+        debugger = self.debugger
+        if not self.machine._threads:
+            if self.entry is None:
+                raise PyvmmError("nothing loaded: call load() first")
+            debugger.hold_at_start()
+            self.machine.start()
+            if debugger.wait_stop(10.0) is None:
+                raise PyvmmError("the vCPUs did not stop at their entry point")
+        return debugger
+
+    def breakpoint(self, addr: int, hardware: bool = False) -> None:
+        """Stop any vCPU that reaches addr: an int3 planted in guest memory, or with
+        hardware=True a debug register (DR0-3)."""
+        self.debugger.insert(BpKind.HARDWARE if hardware else BpKind.SOFTWARE, addr)
+
+    def watchpoint(self, addr: int, length: int = 1, access: bool = False) -> None:
+        """Stop after a write (access=True: a read or write) of [addr, addr+length).
+        On KVM PVM this raises pyvmm.gdb.target.Unsupported: it never fires there."""
+        self.debugger.insert(BpKind.ACCESS if access else BpKind.WRITE, addr, length)
+
+    def remove_breakpoint(self, addr: int, hardware: bool = False) -> None:
+        self.debugger.remove(BpKind.HARDWARE if hardware else BpKind.SOFTWARE, addr)
+
+    def step(self, vcpu: int = 0, timeout: float = 10.0) -> StopEvent:
+        """Execute one instruction on vCPU `vcpu` (the others stay stopped)."""
+        debugger = self._started()
+        debugger.resume({vcpu: Action.STEP}, None)
+        return self._wait(debugger, timeout)
+
+    def cont(self, timeout: float = 30.0) -> StopEvent:
+        """Run every vCPU until a breakpoint, a watchpoint or the end (StopKind.EXITED,
+        with the machine's outcome)."""
+        debugger = self._started()
+        debugger.resume({}, Action.CONTINUE)
+        return self._wait(debugger, timeout)
+
+    def _wait(self, debugger: Debugger, timeout: float) -> StopEvent:
+        event = debugger.wait_stop(timeout)
+        if event is None:
+            debugger.stop_all()
+            raise PyvmmError(f"the guest did not stop within {timeout} s")
+        self.debugcon.drain()
+        return event
+
+    def regs(self, vcpu: int = 0) -> dict[str, int]:
+        """rax..r15, rip, rflags of a stopped (or not yet started) vCPU."""
+        return self.machine.vcpus[vcpu].get_regs()
+
+    def set_regs(self, vcpu: int = 0, **values: int) -> None:
+        self.machine.vcpus[vcpu].set_regs(**values)
 
     @property
     def output(self) -> bytes:
