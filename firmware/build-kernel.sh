@@ -2,8 +2,9 @@
 # Build the pyvmm guest kernel from Debian's linux-source-6.1.
 #
 # usage: build-kernel.sh OUTDIR
-#   OUTDIR receives bzImage, vmlinux (ELF with the PVH note), config and
-#   System.map.
+#   OUTDIR receives bzImage, vmlinux (ELF with the PVH note, stripped: what
+#   pyvmm boots), vmlinux.debug (the same kernel unstripped, its symbol table
+#   for gdb), config and System.map.
 #   WORKDIR (env) is where the source is unpacked; default: a fresh temp dir,
 #   removed afterwards unless KEEP_WORK=1.
 #
@@ -78,7 +79,12 @@ make -j"$jobs" bzImage
 cp arch/x86/boot/bzImage "$out/bzImage"
 # vmlinux keeps its PT_NOTE (PVH entry point); drop only the symbol table.
 objcopy --strip-all vmlinux "$out/vmlinux"
+# The same kernel with its symbol table, for gdb (`pyvmm guest path` prints
+# vmlinux_debug=): with the DWARF of microvm.config, `bt` names each frame.
+# Booting either file is the same; pyvmm boots the smaller one.
+cp vmlinux "$out/vmlinux.debug"
 cp .config "$out/config"
 # Symbols for the stripped vmlinux: to name a guest RIP when debugging.
 cp System.map "$out/System.map"
-step "done: $(ls -l "$out/bzImage" | awk '{print $5}') byte bzImage, $(ls -l "$out/vmlinux" | awk '{print $5}') byte vmlinux in $out"
+size() { ls -l "$out/$1" | awk '{print $5}'; }
+step "done: $(size bzImage) byte bzImage, $(size vmlinux) byte vmlinux, $(size vmlinux.debug) byte vmlinux.debug in $out"

@@ -9,7 +9,8 @@ of the recipe, the versions of the Debian packages it is made from, the keys of
 the parts it contains), so editing /init rebuilds the initramfs (seconds) and
 not the kernel (minutes):
 
-- ``kernel``: bzImage, vmlinux, System.map and config (Debian's linux-source-6.1);
+- ``kernel``: bzImage, vmlinux, vmlinux.debug, System.map and config (Debian's
+  linux-source-6.1);
 - ``agent``: the static guest agent, ``pyvmm-agent`` (firmware/agent/, musl);
 - ``initramfs``: busybox, /init and the agent as /sbin/pyvmm-agent;
 - ``rootfs-tree``: the Debian tree (mmdebstrap), a tarball: the slow, networked step;
@@ -54,7 +55,7 @@ class Part:
 PARTS: dict[str, Part] = {p.name: p for p in (
     Part("kernel", ("build-kernel.sh", "kernel/microvm.config", "kernel/patches/*"),
          packages=("linux-source-6.1",),
-         outputs=("bzImage", "vmlinux", "System.map", "config")),
+         outputs=("bzImage", "vmlinux", "vmlinux.debug", "System.map", "config")),
     Part("agent", ("agent/**/*",), packages=("musl-tools",), outputs=("pyvmm-agent",)),
     Part("initramfs", ("build-initramfs.sh", "init"), packages=("busybox-static",),
          contains=("agent",), outputs=("initramfs.cpio",)),
@@ -75,12 +76,15 @@ class GuestPaths:
     system_map: Path  # the kernel's symbols, to name a guest RIP (vmlinux is stripped)
     rootfs: Path | None = None  # ext4 sandbox root (pyvmm.rootfs=), None if not built
     agent: Path | None = None  # the static guest agent (also inside initramfs and rootfs)
+    # vmlinux with its symbol table (and frame pointers) for gdb; None for a hand-made guest
+    vmlinux_debug: Path | None = None
 
     @classmethod
     def in_dir(cls, directory: Path) -> GuestPaths:
         """Every file of a guest in one directory (tests and hand-made guests)."""
         return cls(directory / "bzImage", directory / "vmlinux", directory / "initramfs.cpio",
-                   directory / "System.map", directory / "rootfs.ext4", directory / "pyvmm-agent")
+                   directory / "System.map", directory / "rootfs.ext4", directory / "pyvmm-agent",
+                   directory / "vmlinux.debug")
 
     def exist(self) -> bool:
         """The kernel and initramfs are there (the rootfs is optional)."""
@@ -166,7 +170,7 @@ def _guest_paths(dirs: dict[str, Path]) -> GuestPaths:
     return GuestPaths(kernel / "bzImage", kernel / "vmlinux",
                       dirs["initramfs"] / "initramfs.cpio", kernel / "System.map",
                       rootfs / "rootfs.ext4" if rootfs is not None else None,
-                      dirs["agent"] / "pyvmm-agent")
+                      dirs["agent"] / "pyvmm-agent", kernel / "vmlinux.debug")
 
 
 def find_guest() -> GuestPaths | None:
