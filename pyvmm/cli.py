@@ -136,6 +136,15 @@ def _build_parser() -> argparse.ArgumentParser:
                           "`pyvmm profile FILE` reads it (docs/profiler.md)")
     run.add_argument("--profile-hz", type=int, default=None, metavar="N",
                      help="samples per second and vCPU with --profile-guest (default 250)")
+    from pyvmm import cli_trace
+    cli_trace.add_run_flags(run)
+    run.add_argument("--gdb", default=None, metavar="PATH|HOST:PORT",
+                     help="serve gdb's remote protocol on a Unix socket or TCP port: "
+                          "`gdb vmlinux -ex 'target remote PATH'` (README: Debugging the "
+                          "guest kernel)")
+    run.add_argument("--gdb-wait", action="store_true",
+                     help="with --gdb, hold every vCPU before its first instruction until "
+                          "gdb attaches (QEMU's -S)")
 
     api = sub.add_parser("api", help="serve Firecracker's API; the VM is configured and "
                                      "started through it")
@@ -167,7 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
     build = guest_sub.add_parser("build", help="build it unless cached (minutes)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs, system_map")
+    guest_sub.add_parser("path", help="print name=path for bzimage, vmlinux, initramfs, "
+                                      "system_map, ..., vmlinux_debug (symbols, for gdb)")
 
     from pyvmm import cli_sandbox
     cli_sandbox.add_parsers(sub, _Parser, parse_mem)
@@ -175,6 +185,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_jail.add_parser(sub, _Parser)
     from pyvmm import cli_profile
     cli_profile.add_parser(sub, _Parser)
+    cli_trace.add_parser(sub, _Parser)
+    from pyvmm import cli_stat
+    cli_stat.add_parser(sub, _Parser)
     return parser
 
 
@@ -306,6 +319,8 @@ def _serve_vm(vm, args: argparse.Namespace, start: bool) -> int:
     if args.stats:
         import json
         print(json.dumps(vm.stats, indent=1), file=sys.stderr)
+    from pyvmm import cli_trace
+    cli_trace.report_recording(vm)
     if result.exit_code:
         print(f"pyvmm: {result.reason}", file=sys.stderr)
     return result.exit_code
@@ -335,9 +350,11 @@ def _microvm(spec, args: argparse.Namespace):
     profile_guest = getattr(args, "profile_guest", None)       # `pyvmm run` only
     if getattr(args, "profile_hz", None) is not None and profile_guest is None:
         raise PyvmmError("--profile-hz needs --profile-guest FILE")
+    from pyvmm import cli_trace
     return MicroVM(spec=spec, console=args.console, vm_id=args.vm_id or DEFAULT_ID,
                    seccomp=args.seccomp, profile_guest=profile_guest,
-                   profile_hz=getattr(args, "profile_hz", None))
+                   profile_hz=getattr(args, "profile_hz", None),
+                   **cli_trace.trace_options(args))
 
 
 def _bind_api_socket(args: argparse.Namespace) -> None:
@@ -400,6 +417,17 @@ def load_request_from_args(args: argparse.Namespace):
                        vsock_override=args.vsock_override)
 
 
+def _apply_gdb(spec, args: argparse.Namespace) -> None:
+    """--gdb and --gdb-wait into machine-config (gdb_socket_path, gdb_wait)."""
+    if args.gdb_wait and args.gdb is None:
+        raise PyvmmError("--gdb-wait needs --gdb PATH|HOST:PORT")
+    if args.gdb is not None:
+        from pyvmm.gdb.server import parse_address
+        parse_address(args.gdb)             # a bad address is one line before the boot
+        spec.machine_config.gdb_socket_path = args.gdb
+        spec.machine_config.gdb_wait = args.gdb_wait
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_api and args.api_sock is not None:
         raise PyvmmError("--no-api and --api-sock contradict each other: pick one")
@@ -409,8 +437,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _bind_api_socket(args)
     try:
         if request is None:
-            with _microvm(spec_from_args(args), args) as vm:
+            spec = spec_from_args(args)
+            _apply_gdb(spec, args)
+            with _microvm(spec, args) as vm:
                 return _serve_vm(vm, args, start=True)
+        if args.gdb is not None:
+            raise PyvmmError("--gdb cannot be combined with restoring a snapshot yet")
         from pyvmm.config import VmSpec
         with _microvm(VmSpec(), args) as vm:
             vm.load_snapshot(request)
@@ -530,6 +562,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "profile":
         from pyvmm import cli_profile
         return cli_profile.cmd_profile(args)
+    if args.command == "trace":
+        from pyvmm import cli_trace
+        return cli_trace.cmd_trace(args)
+    if args.command == "stat":
+        from pyvmm import cli_stat
+        return cli_stat.cmd_stat(args)
     if args.command == "snapshot":
         return cmd_snapshot(args)
     if args.command in ("exec", "cp", "sandbox"):
