@@ -1,39 +1,22 @@
 """KVM's guest-debug ioctls: KVM_SET_GUEST_DEBUG, KVM_TRANSLATE, debug registers, FPU.
 
 The gdb stub (pyvmm.gdb) and the tiny-guest test bed (pyvmm.testbed) build on
-these.  The structures and ioctl numbers come from pyvmm._native once it is
-rebuilt with the declarations in kvm_abi.cdef; an extension built before they
-were added gets the same layouts from here (x86-64 <linux/kvm.h>, checked
-against the extension in tests/test_gdb_protocol.py when both exist).
+these; the structures and ioctl numbers are kvm_abi.cdef's (<linux/kvm.h>).
 
 Debug-register encodings are the Intel SDM's, vol. 3, 18.2 (DR6, DR7).
 """
 from __future__ import annotations
 
 import enum
-import fcntl
-import struct
 from dataclasses import dataclass
 
-from pyvmm.kvm.ioctl import KvmError, ffi, lib
+from pyvmm.kvm.ioctl import ffi, ioctl_struct, lib
 from pyvmm.kvm.vcpu import VcpuFd
 
 
-def _iow(nr: int, size: int, read: bool = False) -> int:
-    """asm-generic/ioctl.h: _IOW / _IOWR with KVMIO (0xAE)."""
-    direction = 3 if read else 1
-    return (direction << 30) | (size << 16) | (0xAE << 8) | nr
-
-
-# struct kvm_guest_debug: u32 control, u32 pad, u64 debugreg[8]
-GUEST_DEBUG_FORMAT = "<II8Q"
-# struct kvm_translation: u64 linear, u64 physical, u8 valid, writeable, usermode, pad[5]
-TRANSLATION_FORMAT = "<QQBBB5x"
-KVM_SET_GUEST_DEBUG = getattr(lib, "KVM_SET_GUEST_DEBUG", None) or \
-    _iow(0x9B, struct.calcsize(GUEST_DEBUG_FORMAT))
-KVM_TRANSLATE = getattr(lib, "KVM_TRANSLATE", None) or \
-    _iow(0x85, struct.calcsize(TRANSLATION_FORMAT), read=True)
-KVM_CAP_SET_GUEST_DEBUG2 = getattr(lib, "KVM_CAP_SET_GUEST_DEBUG2", 195)
+KVM_SET_GUEST_DEBUG = lib.KVM_SET_GUEST_DEBUG
+KVM_TRANSLATE = lib.KVM_TRANSLATE
+KVM_CAP_SET_GUEST_DEBUG2 = lib.KVM_CAP_SET_GUEST_DEBUG2
 
 
 class GuestDebug(enum.IntFlag):
@@ -86,17 +69,14 @@ def dr7_for(slots: list[HwSlot | None]) -> int:
 def set_guest_debug(vcpu: VcpuFd, control: int, slots: list[HwSlot | None] | None = None) -> None:
     """KVM_SET_GUEST_DEBUG on a vCPU that is not inside KVM_RUN (the ioctl would wait for
     it).  control 0 turns guest debugging off; slots fill DR0-3 and DR7 with USE_HW_BP."""
-    regs = [0] * 8
+    debug = ffi.new("struct kvm_guest_debug *")
+    debug.control = control
     if slots:
         for n, slot in enumerate(slots[:HW_SLOTS]):
             if slot is not None:
-                regs[n] = slot.addr
-        regs[7] = dr7_for(slots)
-    buf = bytearray(struct.pack(GUEST_DEBUG_FORMAT, control, 0, *regs))
-    try:
-        fcntl.ioctl(vcpu.fd, KVM_SET_GUEST_DEBUG, buf, True)
-    except OSError as exc:
-        raise KvmError("KVM_SET_GUEST_DEBUG", exc.errno) from None
+                debug.arch.debugreg[n] = slot.addr
+        debug.arch.debugreg[7] = dr7_for(slots)
+    ioctl_struct(vcpu.fd, KVM_SET_GUEST_DEBUG, debug, "KVM_SET_GUEST_DEBUG")
 
 
 @dataclass(frozen=True)
@@ -109,15 +89,12 @@ class Translation:
 def translate(vcpu: VcpuFd, vaddr: int) -> Translation | None:
     """Guest-virtual to guest-physical through the vCPU's current page tables
     (KVM_TRANSLATE); None if not mapped."""
-    buf = bytearray(struct.pack(TRANSLATION_FORMAT, vaddr & (2**64 - 1), 0, 0, 0, 0))
-    try:
-        fcntl.ioctl(vcpu.fd, KVM_TRANSLATE, buf, True)
-    except OSError as exc:
-        raise KvmError("KVM_TRANSLATE", exc.errno) from None
-    _, physical, valid, writeable, usermode = struct.unpack(TRANSLATION_FORMAT, buf)
-    if not valid:
+    tr = ffi.new("struct kvm_translation *")
+    tr.linear_address = vaddr & (2**64 - 1)
+    ioctl_struct(vcpu.fd, KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+    if not tr.valid:
         return None
-    return Translation(physical, bool(writeable), bool(usermode))
+    return Translation(tr.physical_address, bool(tr.writeable), bool(tr.usermode))
 
 
 def supported_guest_debug(kvm_fd: int) -> int:
@@ -129,9 +106,6 @@ def supported_guest_debug(kvm_fd: int) -> int:
 def get_debugregs(vcpu: VcpuFd) -> dict[str, int]:
     """The guest's own debug registers (KVM_GET_DEBUGREGS), for `monitor` output."""
     regs = ffi.new("struct kvm_debugregs *")
-    try:
-        fcntl.ioctl(vcpu.fd, lib.KVM_GET_DEBUGREGS, ffi.buffer(regs), True)
-    except OSError as exc:
-        raise KvmError("KVM_GET_DEBUGREGS", exc.errno) from None
+    ioctl_struct(vcpu.fd, lib.KVM_GET_DEBUGREGS, regs, "KVM_GET_DEBUGREGS")
     return {"dr0": regs.db[0], "dr1": regs.db[1], "dr2": regs.db[2], "dr3": regs.db[3],
             "dr6": regs.dr6, "dr7": regs.dr7}
