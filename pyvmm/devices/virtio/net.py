@@ -13,6 +13,16 @@ over budget goes back to the TX ring; a received frame over budget is held
 (at most one, as Firecracker's deferred frame) while the TAP is not read, so
 the frames behind it wait in the host kernel's TAP queue until the limiter's
 timer fires.
+
+With an MMDS stack (pyvmm.mmds.netstack, Firecracker's MMDS network stack) the
+device answers ARP and TCP for the MMDS address itself: each transmitted frame
+the stack claims (its headers are looked at first, in place; only a claimed
+frame is copied) goes to the stack and never to the TAP, and the stack's frames
+reach the guest ahead of the TAP's, after each TX kick, each RX kick and each
+expiry of the stack's timer (a timerfd the I/O thread watches, as the rate
+limiters' are).  As Firecracker's, MMDS frames are charged to neither rate
+limiter, and the stack's connections are not part of a snapshot: the guest's
+TCP sees them reset.
 """
 from __future__ import annotations
 
@@ -22,7 +32,8 @@ import os
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from pyvmm.devices.rate_limiter import UNLIMITED, RateLimited, TokenKind, serve_limited
+from pyvmm.devices.rate_limiter import UNLIMITED, RateLimited, TimerFd, TokenKind, \
+    serve_limited
 from pyvmm.devices.virtio.chain import Chain, QueueError, Reader
 from pyvmm.devices.virtio.device import CHAINS_PER_SLICE, VirtioDevice, VirtioInterrupt
 from pyvmm.devices.virtio.state import StateReader, encode_bytes
@@ -31,6 +42,7 @@ from pyvmm.memory import GuestMemory
 
 if TYPE_CHECKING:
     from pyvmm.config import RateLimiterConfig
+    from pyvmm.mmds.netstack import MmdsStack
 
 DEVICE_ID_NET = 1
 RX, TX = 0, 1
@@ -38,6 +50,11 @@ QUEUE_SIZE = 256
 VNET_HDR_SIZE = 12                       # struct virtio_net_hdr_v1 (5.1.6)
 NUM_BUFFERS_OFFSET = 10                  # its le16 num_buffers
 NUM_BUFFERS = struct.Struct("<H")
+VNET_HDR_F_NEEDS_CSUM = 1                # its flags: the device completes the checksum
+VNET_HDR_GSO_NONE = 0                    # its gso_type: not a segmentation offload
+# What the MMDS stack looks at to claim a frame: the vnet header, then Ethernet
+# and ARP up to the target protocol address (IPv4's destination comes earlier).
+MMDS_PEEK = VNET_HDR_SIZE + 42
 # The largest frame either side may hand over: a 64 KiB GSO packet with its
 # Ethernet and VLAN headers, plus the vnet header (Firecracker's MAX_BUFFER_SIZE).
 MAX_PACKET = 65562
@@ -112,9 +129,11 @@ class Net(VirtioDevice, RateLimited):
 
     def __init__(self, tap: str, mac: bytes, fd: int | None = None,
                  rx_rate_limiter: "RateLimiterConfig | None" = None,
-                 tx_rate_limiter: "RateLimiterConfig | None" = None) -> None:
+                 tx_rate_limiter: "RateLimiterConfig | None" = None,
+                 mmds: "MmdsStack | None" = None) -> None:
         """Attach to TAP device `tap`; or, for tests, to any packet fd that keeps
-        frame boundaries (a SOCK_DGRAM socketpair) with no offloads."""
+        frame boundaries (a SOCK_DGRAM socketpair) with no offloads.  With `mmds`,
+        that stack answers the frames for the MMDS address (module docstring)."""
         super().__init__()
         self.init_limiters({"rx_rate_limiter": (rx_rate_limiter, RX),
                             "tx_rate_limiter": (tx_rate_limiter, TX)})
@@ -129,6 +148,13 @@ class Net(VirtioDevice, RateLimited):
         self.stats.update(rx_packets=0, tx_packets=0, rx_dropped=0)
         self._rx_buffer = bytearray(MAX_PACKET)
         self._pending: memoryview | None = None      # a packet waiting for RX buffers
+        self.mmds = mmds
+        self._mmds_pending: memoryview | None = None  # the stack's, waiting for RX buffers
+        self._mmds_timer: TimerFd | None = None
+        self._mmds_armed: float | None = None         # the deadline the timer is set for
+        if mmds is not None:
+            self._mmds_timer = TimerFd()
+            self.stats.update(mmds_tx_frames=0, mmds_rx_frames=0)
         # Set by attach(): stop/start watching the TAP for input (I/O thread only).
         self.watch_tap: Callable[[bool], None] = lambda on: None
 
@@ -145,6 +171,7 @@ class Net(VirtioDevice, RateLimited):
         with self.lock:
             super().reset()
             self._pending = None
+            self._mmds_pending = None
             self.watch_tap(False)
 
     def stop_serving(self) -> None:
@@ -156,6 +183,15 @@ class Net(VirtioDevice, RateLimited):
             os.close(self.fd)
             self.fd = -1
         self.close_limiters()
+        if self._mmds_timer is not None:
+            self._mmds_timer.close()
+
+    def wire_rate_limiters(self, watch: Callable[[int, Callable[[], None], bool], None],
+                           resume: Callable[[int], None]) -> None:
+        """As RateLimited's, plus the MMDS stack's timer, served the same way."""
+        super().wire_rate_limiters(watch, resume)
+        if self._mmds_timer is not None:
+            watch(self._mmds_timer.fd, self.mmds_timer_fired, True)
 
     def save(self) -> dict:
         with self.lock:
@@ -178,9 +214,12 @@ class Net(VirtioDevice, RateLimited):
 
     def process_queue(self, index: int) -> bool:
         if index == TX:
+            detoured = self.stats.get("mmds_tx_frames", 0)
             sent = serve_limited(self, self.queues[TX], self.limiters["tx_rate_limiter"][0],
                                  CHAINS_PER_SLICE, self._tx_cost, self._transmit)
             self.stats["requests"] += sent
+            if self.mmds is not None and self.stats["mmds_tx_frames"] != detoured:
+                self._deliver_mmds()        # the stack's answers to what it was sent
             return sent >= CHAINS_PER_SLICE
         return self._deliver()          # the guest gave us receive buffers
 
@@ -202,6 +241,8 @@ class Net(VirtioDevice, RateLimited):
         if not VNET_HDR_SIZE <= length <= MAX_PACKET:
             self.stats["errors"] += 1
             return 0
+        if self.mmds is not None and self._detour(chain, length):
+            return 0
         try:
             os.writev(self.fd, frame.views())
             self.stats["tx_packets"] += 1
@@ -210,6 +251,30 @@ class Net(VirtioDevice, RateLimited):
             self.stats["errors"] += 1     # the host side is down: the frame is lost
         return 0
 
+    def _detour(self, chain: Chain, length: int) -> bool:
+        """Give a transmitted frame to the MMDS stack if it claims it; True if so.
+        Only the headers are read until then.  A guest that rewrites the frame
+        between the look and the copy gets it to the TAP as it then is (Firecracker
+        accepts the same race: the host's firewall, not the MMDS, guards the TAP)."""
+        assert self.mmds is not None
+        peek = chain.reader()
+        head = peek.read(min(length, MMDS_PEEK))
+        if not self.mmds.claims(head[VNET_HDR_SIZE:]):
+            return False
+        flags, gso_type = head[0], head[1]
+        frame = head[VNET_HDR_SIZE:] + b"".join(peek.views())
+        # A checksum left to the device, or a GSO frame (whose checksum always is),
+        # is partial: the stack does not check it.
+        partial = bool(flags & VNET_HDR_F_NEEDS_CSUM) or gso_type != VNET_HDR_GSO_NONE
+        if not self.mmds.detour(frame, needs_csum=partial):
+            return False
+        self.stats["mmds_tx_frames"] += 1
+        # Not traffic the limiter meters (Firecracker gives the budget back too).
+        limiter = self.limiters["tx_rate_limiter"][0]
+        limiter.manual_replenish(1, TokenKind.OPS)
+        limiter.manual_replenish(length, TokenKind.BYTES)
+        return True
+
     # -- receive: TAP -> guest -----------------------------------------------------
 
     def tap_readable(self) -> None:
@@ -217,12 +282,26 @@ class Net(VirtioDevice, RateLimited):
         frames left after a slice bring us back on the next round."""
         self.serve(self._deliver)
 
-    def _deliver(self) -> bool:
-        """Deliver up to CHAINS_PER_SLICE frames; True if that budget ran out."""
+    def _deliver(self, tap: bool = True) -> bool:
+        """Deliver up to CHAINS_PER_SLICE frames, the MMDS stack's first, then the
+        TAP's unless `tap` is False; True if that budget ran out."""
         queue = self.queues[RX]
         limiter = self.limiters["rx_rate_limiter"][0]
         delivered = 0
+        starved = False             # the MMDS has a frame and the guest no buffers
         while delivered < CHAINS_PER_SLICE:
+            if self.mmds is not None:
+                placed = self._place_mmds()
+                if placed:
+                    delivered += 1
+                    continue
+                if placed is False:
+                    starved = True
+                    if tap:
+                        self.watch_tap(False)   # no buffers: wait for the guest's RX kick
+                    break
+            if not tap:
+                break
             if limiter.is_blocked:
                 # Throttled: read nothing more from the TAP until the timer fires.
                 self.stats["throttled"] += 1
@@ -251,12 +330,66 @@ class Net(VirtioDevice, RateLimited):
                 break
             self._pending = None
             delivered += 1
-        if self._pending is None and not limiter.is_blocked:
+        if tap and not starved and self._pending is None and not limiter.is_blocked:
             self.watch_tap(True)
         if delivered:
             assert self.interrupt is not None
             self.interrupt.signal_used(queue)
+        if self.mmds is not None:
+            self._arm_mmds()
         return delivered >= CHAINS_PER_SLICE
+
+    # -- the MMDS stack's frames -----------------------------------------------------
+
+    def _place_mmds(self) -> bool | None:
+        """Deliver the MMDS stack's next frame: True if done, False if it waits for
+        receive buffers, None if the stack has nothing.  A frame is taken from the
+        stack only when there are buffers: taking it counts it as sent."""
+        assert self.mmds is not None
+        if self._mmds_pending is None:
+            if not self.queues[RX].has_available():
+                return False if self.mmds.has_frames() else None
+            frame = self.mmds.pop_frame()
+            if frame is None:
+                return None
+            # A zeroed header (num_buffers set by _place): flags 0, for the stack's
+            # checksums are complete.
+            self._mmds_pending = memoryview(bytes(VNET_HDR_SIZE) + frame)
+        if not self._place(self._mmds_pending):
+            return False
+        self._mmds_pending = None
+        self.stats["mmds_rx_frames"] += 1
+        return True
+
+    def _deliver_mmds(self) -> None:
+        """The stack's frames after a TX kick or its timer: a slice now, the rest
+        through the RX queue's own scheduling, behind the other devices."""
+        if self._deliver(tap=False):
+            self._resume(RX)
+
+    def mmds_timer_fired(self) -> None:
+        """The MMDS stack's timerfd fired (I/O thread): run its timers, deliver."""
+        assert self._mmds_timer is not None
+        with self.lock:
+            self._mmds_timer.fired()
+            self._mmds_armed = None
+        self.serve(self._mmds_tick)
+
+    def _mmds_tick(self) -> bool:
+        assert self.mmds is not None
+        self.mmds.tick()
+        self._deliver_mmds()
+        return False
+
+    def _arm_mmds(self) -> None:
+        """Set the timer for the stack's next deadline, unless it fires before then
+        already (a timer that fires early just finds nothing to do)."""
+        assert self.mmds is not None and self._mmds_timer is not None
+        deadline = self.mmds.next_deadline()
+        if deadline is None or (self._mmds_armed is not None and self._mmds_armed <= deadline):
+            return
+        self._mmds_timer.arm(int((deadline - self.mmds.clock()) * 1e9))
+        self._mmds_armed = deadline
 
     def _place(self, packet: memoryview) -> bool:
         """Copy one frame (vnet header first) into RX chains; False if none are free."""
