@@ -7,6 +7,8 @@ and /init runs `benchtool blk /dev/vda SEQ_MIB RAND_S`:
   seqwrite  SEQ_MIB MiB of 1 MiB O_DIRECT writes, then fsync   -> MB/s
   seqread   the same range, 1 MiB O_DIRECT reads               -> MB/s
   randread  4 KiB O_DIRECT reads at random offsets, queue depth 1, for RAND_S s -> IOPS
+  randwrite 4 KiB O_DIRECT writes at random offsets, queue depth 1, for RAND_S s -> IOPS
+  randread_qd8  randread from 8 guest processes at once (queue depth 8) -> IOPS
 
 timed in the guest (CLOCK_MONOTONIC).  The image (filled with random bytes
 once) is the same file for both VMMs; before each boot it is dropped from the
@@ -14,6 +16,10 @@ host's page cache (posix_fadvise DONTNEED).  QEMU opens it with
 cache=none,aio=threads (O_DIRECT on the host); pyvmm uses buffered
 preadv/pwritev, so its reads after the first can come from the host's page
 cache: that is each VMM's own design, and it is recorded, not corrected.
+
+pyvmm runs twice in the same repetitions, with io_engine Sync (preadv/pwritev on
+the I/O thread) and Async (io_uring, `--disk IMG,io_engine=async`): the table
+has Async/Sync beside pyvmm/QEMU (Sync's).
 
 One boot per VMM per repetition (1.5-5 minutes each on KVM PVM, where every
 instruction of the guest's block layer is emulated): `--io-reps N` for more.
@@ -32,8 +38,12 @@ GOAL = 1.0                      # issue 4: at least 1.0x QEMU on each
 MEM_MIB = 256
 TIMEOUT = 1500.0
 METRICS = (("seqwrite", "MBps", "seq write MB/s"), ("seqread", "MBps", "seq read MB/s"),
-           ("randread", "IOPS", "4K rand read IOPS"))
-VMMS = ("pyvmm", "qemu")
+           ("randread", "IOPS", "4K rand read IOPS"),
+           ("randwrite", "IOPS", "4K rand write IOPS"),
+           ("randread_qd8", "IOPS", "4K rand read IOPS, QD8"))
+VMMS = ("pyvmm", "qemu")                # net's; blk adds pyvmm with io_engine Async
+BLK_VMMS = ("pyvmm", "pyvmm-async", "qemu")
+ASYNC_DISK = ",io_engine=async"         # what pyvmm-async adds to --disk
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +80,9 @@ def run_io_guest(vmm: str, guest, initrd: Path, cmd: str, full_cmdline: str,
                  disks=(), taps=(), wrap=lambda argv: argv, last: bytes = b"",
                  timeout: float = TIMEOUT) -> dict[str, Any]:
     """Boot the built-in guest running `cmd` under one VMM; parse its BENCH lines."""
-    if vmm == "pyvmm":
+    if vmm.startswith("pyvmm"):
+        if vmm == "pyvmm-async":
+            disks = [f"{disk}{ASYNC_DISK}" for disk in disks]
         argv = vmms.pyvmm_argv(guest.vmlinux, initrd, cmd, MEM_MIB, disks=disks, taps=taps)
     else:
         argv = vmms.qemu_argv(guest.vmlinux, initrd, full_cmdline, MEM_MIB, disks=disks,
@@ -83,7 +95,7 @@ def run_io_guest(vmm: str, guest, initrd: Path, cmd: str, full_cmdline: str,
                               "argv": run.argv}
     cmdline = [line for line in console.splitlines() if "Command line:" in line]
     result["guest_cmdline"] = cmdline[0].split("Command line:", 1)[1].strip() if cmdline else None
-    if vmm == "pyvmm":
+    if vmm.startswith("pyvmm"):
         stats = vmms.pyvmm_stats(run.stderr) or {}
         result["pyvmm_stats"] = stats
     if "BENCHTOOL-ERROR" in console or not result["results"]:
@@ -96,17 +108,27 @@ def summarize(samples: dict[str, list[dict]], metrics,
               fmt: str = ".1f") -> tuple[dict, list[list[str]]]:
     summary: dict[str, Any] = {}
     rows = []
+    names = list(samples)
+
+    def ratio(name: str, unit: str, over: str, under: str) -> Stats | None:
+        """Per repetition (the same run's baseline), then summarised."""
+        pairs = [(a["results"][name][unit], b["results"][name][unit])
+                 for a, b in zip(samples[over], samples[under])
+                 if name in a["results"] and name in b["results"] and b["results"][name][unit]]
+        return Stats.of([a / b for a, b in pairs]) if pairs else None
     for name, unit, label in metrics:
         vals = {v: [s["results"][name][unit] for s in samples[v] if name in s["results"]]
-                for v in VMMS}
-        pairs = [(a["results"][name][unit], b["results"][name][unit])
-                 for a, b in zip(samples["pyvmm"], samples["qemu"])
-                 if name in a["results"] and name in b["results"] and b["results"][name][unit]]
-        entry = {v: Stats.of(vals[v]) if vals[v] else None for v in VMMS}
-        entry["ratio"] = Stats.of([a / b for a, b in pairs]) if pairs else None
+                for v in names}
+        entry = {v: Stats.of(vals[v]) if vals[v] else None for v in names}
+        entry["ratio"] = ratio(name, unit, "pyvmm", "qemu")
+        columns = [entry[v].format(fmt) if entry[v] else "failed" for v in names]
+        columns.append(entry["ratio"].format(".2f") if entry["ratio"] else "-")
+        if "pyvmm-async" in samples:
+            entry["async_over_sync"] = ratio(name, unit, "pyvmm-async", "pyvmm")
+            columns.append(entry["async_over_sync"].format(".2f")
+                           if entry["async_over_sync"] else "-")
         summary[name] = entry
-        rows.append([label] + [entry[v].format(fmt) if entry[v] else "failed" for v in VMMS]
-                    + [entry["ratio"].format(".2f") if entry["ratio"] else "-", f">= {GOAL}"])
+        rows.append([label] + columns + [f">= {GOAL}"])
     return summary, rows
 
 
@@ -117,8 +139,11 @@ def report(name: str, label: str, samples: dict[str, list[dict]], metrics, facts
     """The table and the JSON record of a Linux I/O benchmark (blk, net): params are
     the benchmark's own, between the repetitions and memory and the guest."""
     summary, rows = summarize(samples, metrics, fmt=fmt)
+    titles = {"pyvmm": "pyvmm", "pyvmm-async": "pyvmm Async", "qemu": "QEMU"}
+    header = [label] + [titles[v] for v in samples] + ["pyvmm/QEMU"] + \
+        (["Async/Sync"] if "pyvmm-async" in samples else []) + ["goal"]
     print()
-    print(harness.format_table([label, "pyvmm", "QEMU", "pyvmm/QEMU", "goal"], rows))
+    print(harness.format_table(header, rows))
     return vmms.write_comparison(
         name, facts, qemu,
         params={"reps": args.io_reps, "mem_mib": MEM_MIB, **params, "initrd": str(initrd),
@@ -138,15 +163,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{harness.format_facts(facts)}\n{qemu['version']}\n"
           f"{args.io_reps} boot(s) per VMM (Linux boots are slow on KVM PVM; --io-reps N); "
           f"{MEM_MIB} MiB, 1 vCPU, image {image} ({args.blk_disk_mib} MiB); "
-          f"{args.blk_seq_mib} MiB sequential, {args.blk_rand_seconds} s random", flush=True)
-    samples: dict[str, list[dict]] = {v: [] for v in VMMS}
+          f"{args.blk_seq_mib} MiB sequential, {args.blk_rand_seconds} s random each; "
+          f"pyvmm with io_engine Sync and Async", flush=True)
+    samples: dict[str, list[dict]] = {v: [] for v in BLK_VMMS}
     for rep in range(args.io_reps):
-        for vmm in harness.rotated(VMMS, rep):
+        for vmm in harness.rotated(BLK_VMMS, rep):
             drop_cache(image)
             sample = run_io_guest(vmm, guest, initrd, cmd, full, disks=[image],
-                                  last=b"BENCH randread", timeout=args.io_timeout)
+                                  last=b"BENCH randread_qd8", timeout=args.io_timeout)
             samples[vmm].append(sample)
-            print(f"  rep {rep + 1} {vmm:6s} boot {sample['boot_s']} s  "
+            print(f"  rep {rep + 1} {vmm:11s} boot {sample['boot_s']} s  "
                   f"{sample['results'] or sample.get('console_tail', '')[-1500:]}", flush=True)
     return report("blk", "virtio-blk", samples, METRICS, facts, qemu, args, guest, initrd, full,
                   {"image": str(image), "image_mib": args.blk_disk_mib,

@@ -13,12 +13,18 @@ Baseline: benches/blk_bare.c, a C loop of pread/pwrite of the same size at the
 same offsets on the same file (in the host page cache, like pyvmm's buffered
 I/O), and for reference the same loop in Python (os.preadv/os.pwritev into
 a memoryview).  Ratio = pyvmm requests/s / bare C requests/s, same repetition.
+
+pyvmm-async-bN: the same with io_engine "Async" (io_uring): the timed part is the
+kick (submission) and the completions (waiting on the ring's eventfd, then
+engine_ready(), which the I/O thread runs), so a request is counted once it is
+back on the used ring.  Async/Sync compares the same batch, same repetition.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import select
 import subprocess
 import time
 from typing import Any
@@ -51,10 +57,12 @@ class _Irq:
         self.count += 1
 
 
-def run_model(path, op: str, size: int, count: int, batch: int) -> float:
-    """Seconds spent in notify() for `count` requests."""
+def run_model(path, op: str, size: int, count: int, batch: int,
+              io_engine: str = "Sync") -> float:
+    """Seconds spent in notify() (and, for Async, serving completions) for `count`
+    requests."""
     memory = GuestMemory([(0, MEM)])
-    device = Block(path)
+    device = Block(path, io_engine=io_engine)
     try:
         transport = mmio.VirtioMmio(device, memory, _Irq())
         driver = HostDriver(transport, memory, queue_size=256)
@@ -82,6 +90,11 @@ def run_model(path, op: str, size: int, count: int, batch: int) -> float:
                 driver.publish(3 * j)
             t0 = time.perf_counter()
             driver.kick()
+            engine = device.engine
+            while engine is not None and engine.in_flight:
+                select.select([engine.eventfd], [], [], 10)
+                engine.clear_eventfd()
+                device.engine_ready()
             elapsed += time.perf_counter() - t0
             used = driver.used()
             if len(used) != n or any(memory.read(statuses + j, 1) != b"\0" for j in range(n)):
@@ -125,7 +138,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     reps = args.reps
     print(f"{harness.format_facts(facts)}\n{reps} repetitions; image {path} (page cache)",
           flush=True)
-    variants = ["bare-c", "python"] + [f"pyvmm-b{b}" for b in BATCHES]
+    variants = ["bare-c", "python"] + [f"pyvmm-b{b}" for b in BATCHES] + \
+        [f"pyvmm-async-b{b}" for b in BATCHES]
     samples: dict[str, dict[str, list[float]]] = {}
     for size, count in SIZES:
         count = max(10, int(count * args.model_scale))
@@ -138,6 +152,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         t = run_bare(binary, path, op, size, count)
                     elif v == "python":
                         t = run_python(path, op, size, count)
+                    elif v.startswith("pyvmm-async-b"):
+                        t = run_model(path, op, size, count, int(v[len("pyvmm-async-b"):]),
+                                      io_engine="Async")
                     else:
                         t = run_model(path, op, size, count, int(v[len("pyvmm-b"):]))
                     samples[key][v].append(count / t)
@@ -147,13 +164,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         entry = {v: Stats.of(per[v]) for v in variants}
         for v in variants[1:]:
             entry[f"{v}_ratio"] = Stats.of([a / b for a, b in zip(per[v], per["bare-c"])])
+        for b in BATCHES:               # Async over Sync, same batch, same repetition
+            entry[f"async_over_sync_b{b}"] = Stats.of(
+                [a / s for a, s in zip(per[f"pyvmm-async-b{b}"], per[f"pyvmm-b{b}"])])
         summary[key] = entry
         rows.append([key] + [entry[v].format(".0f") for v in variants] +
-                    [entry[f"{v}_ratio"].format(".3f") for v in variants[2:]])
+                    [entry[f"{v}_ratio"].format(".3f") for v in variants[2:4]] +
+                    [entry[f"async_over_sync_b{b}"].format(".2f") for b in BATCHES])
     print()
     print(harness.format_table(
         ["requests/s", "bare C pread/pwrite", "Python os.preadv", "pyvmm 1/kick",
-         f"pyvmm {BATCHES[1]}/kick", "pyvmm 1/kick / bare", f"pyvmm {BATCHES[1]}/kick / bare"],
+         f"pyvmm {BATCHES[1]}/kick", "Async 1/kick", f"Async {BATCHES[1]}/kick",
+         "pyvmm 1/kick / bare", f"pyvmm {BATCHES[1]}/kick / bare",
+         "Async/Sync 1/kick", f"Async/Sync {BATCHES[1]}/kick"],
         rows))
     data = {"benchmark": "blk-model", "machine": facts,
             "params": {"reps": reps, "sizes": SIZES, "scale": args.model_scale,

@@ -12,6 +12,10 @@
  *       seqread:  the same range in 1 MiB O_DIRECT reads
  *       randread: 4 KiB O_DIRECT reads at random 4 KiB-aligned offsets over the
  *                 whole device, one at a time, for RAND_SECONDS
+ *       randwrite: the same with 4 KiB O_DIRECT writes, one at a time
+ *       randread_qd8: randread from QD processes at once (queue depth QD=8 at the
+ *                 device: the guest has no io_uring or libaio here, processes are
+ *                 the portable way), for RAND_SECONDS; IOPS of all of them
  *   benchtool net IFACE GUEST_IP HOST_IP MIB SECONDS
  *       configures IFACE (address /24, up) with ioctls (no extra processes:
  *       each costs seconds of emulated ring 0 on KVM PVM), then
@@ -33,11 +37,13 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/fs.h>
 
 #define MIB (1024 * 1024)
+#define QD 8
 
 static double now(void)
 {
@@ -60,6 +66,57 @@ static uint64_t xorshift(void)
     rng_state ^= rng_state >> 7;
     rng_state ^= rng_state << 17;
     return rng_state;
+}
+
+/* 4 KiB O_DIRECT reads or writes at random offsets for `seconds`; returns the count. */
+static uint64_t random_4k(int fd, void *buf, uint64_t blocks, double seconds, int write)
+{
+    uint64_t n = 0;
+    double end = now() + seconds;
+    do {
+        for (int k = 0; k < 16; k++, n++) {
+            off_t at = (off_t)(xorshift() % blocks) * 4096;
+            if ((write ? pwrite(fd, buf, 4096, at) : pread(fd, buf, 4096, at)) != 4096)
+                die(write ? "pwrite 4k" : "pread 4k");
+        }
+    } while (now() < end);
+    return n;
+}
+
+/* QD processes of random_4k reads at once; the children report their counts on a pipe. */
+static void random_read_qd(const char *dev, uint64_t blocks, double seconds)
+{
+    int pipefd[2];
+    if (pipe(pipefd) < 0)
+        die("pipe");
+    double t0 = now();
+    for (int i = 0; i < QD; i++) {
+        pid_t pid = fork();
+        if (pid < 0)
+            die("fork");
+        if (pid == 0) {
+            rng_state ^= (uint64_t)(i + 1) * 0x2545F4914F6CDD1Dull;
+            int fd = open(dev, O_RDONLY | O_DIRECT);
+            void *buf;
+            if (fd < 0 || posix_memalign(&buf, 4096, 4096))
+                die("child open");
+            uint64_t n = random_4k(fd, buf, blocks, seconds, 0);
+            if (write(pipefd[1], &n, sizeof n) != sizeof n)
+                die("child write");
+            _exit(0);
+        }
+    }
+    close(pipefd[1]);
+    uint64_t total = 0, n;
+    while (read(pipefd[0], &n, sizeof n) == sizeof n)
+        total += n;
+    while (wait(NULL) > 0)
+        ;
+    double t = now() - t0;
+    close(pipefd[0]);
+    printf("BENCH randread_qd%d ops=%llu seconds=%.6f IOPS=%.1f\n", QD,
+           (unsigned long long)total, t, total / t);
+    fflush(stdout);
 }
 
 static int blk(const char *dev, long seq_mib, double rand_seconds)
@@ -97,17 +154,20 @@ static int blk(const char *dev, long seq_mib, double rand_seconds)
            seq_mib * MIB / t / 1e6);
     fflush(stdout);
 
-    uint64_t blocks = size / 4096, n = 0;
+    uint64_t blocks = size / 4096;
     t0 = now();
-    double end = t0 + rand_seconds;
-    do {
-        for (int k = 0; k < 16; k++, n++)
-            if (pread(fd, buf, 4096, (off_t)(xorshift() % blocks) * 4096) != 4096)
-                die("pread 4k");
-    } while (now() < end);
+    uint64_t n = random_4k(fd, buf, blocks, rand_seconds, 0);
     t = now() - t0;
     printf("BENCH randread ops=%llu seconds=%.6f IOPS=%.1f\n", (unsigned long long)n, t, n / t);
     fflush(stdout);
+
+    t0 = now();
+    n = random_4k(fd, buf, blocks, rand_seconds, 1);
+    t = now() - t0;
+    printf("BENCH randwrite ops=%llu seconds=%.6f IOPS=%.1f\n", (unsigned long long)n, t, n / t);
+    fflush(stdout);
+
+    random_read_qd(dev, blocks, rand_seconds);
     close(fd);
     return 0;
 }

@@ -243,6 +243,21 @@ int pv_seccomp_prepare(void);
 int pv_seccomp_resolve(const char *name);
 int pv_set_thread_name(const char *name);
 int pv_seccomp_install(const struct pv_sc_rule *rules, int count, int log_only);
+/* io_uring (uring.c): the mechanism of virtio-blk's io_engine "Async"; its policy (tags,
+ * budgets, draining) is pyvmm/devices/uring.py.  pv_iovec has struct iovec's layout
+ * (checked in uring.c): <sys/uio.h> cannot be included in this cdef part. */
+struct pv_uring;
+struct pv_iovec { void *base; size_t len; };
+struct pv_uring *pv_uring_open(unsigned entries, int eventfd, int *error);
+int pv_uring_readv(struct pv_uring *u, int fd, const struct pv_iovec *iov, unsigned count,
+                   uint64_t offset, uint64_t tag);
+int pv_uring_writev(struct pv_uring *u, int fd, const struct pv_iovec *iov, unsigned count,
+                    uint64_t offset, uint64_t tag);
+int pv_uring_fdatasync(struct pv_uring *u, int fd, uint64_t tag);
+int pv_uring_submit(struct pv_uring *u);
+unsigned pv_uring_unsubmitted(struct pv_uring *u);
+unsigned pv_uring_reap(struct pv_uring *u, uint64_t *tags, int32_t *results, unsigned max);
+void pv_uring_close(struct pv_uring *u);
 /* cdef-end */
 
 #endif

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 KVM_CDEF = Path(__file__).resolve().parent / "kvm" / "kvm_abi.cdef"
 C_SOURCES = ["vcpu_loop.c", "bus.c", "ioctl.c", "dev_debugcon.c", "dev_debugexit.c", "dev_scratch.c",
-             "seccomp.c"]
+             "seccomp.c", "uring.c"]
 
 # cffi takes the GIL again inside this callback, and only there.
 PYTHON_CALLBACKS = """
@@ -41,7 +41,8 @@ ffibuilder.set_source(
     sources=[os.path.relpath(CSRC / name) for name in C_SOURCES],
     include_dirs=[os.path.relpath(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread", "seccomp"],       # libseccomp-dev (csrc/seccomp.c)
+    # libseccomp-dev (csrc/seccomp.c), liburing-dev (csrc/uring.c)
+    libraries=["pthread", "seccomp", "uring"],
 )
 
 if __name__ == "__main__":

@@ -337,16 +337,18 @@ UNLIMITED = -2         # a malformed chain: not charged; the device fails it as 
 
 
 def serve_limited(device: Any, queue: Any, limiter: RateLimiter, chains_per_slice: int,
-                  cost: Callable[[Any], int], serve: Callable[[Any], int]) -> int:
+                  cost: Callable[[Any], int], serve: Callable[[Any], int | None]) -> int:
     """VirtioDevice.serve_each with a limiter in front: each chain is charged
     cost(chain) bytes and one op before it is served; one that does not fit is
     given back to the ring (unpop: nothing is lost, the guest sees nothing) and
     the queue waits for the limiter's timer, counted in the device's
     `throttled` stat.  Returns how many chains were served.  Without a limiter
-    (none configured, none waiting) it is the device's serve_each."""
+    (none configured, none waiting) it is the device's serve_each.  serve() may
+    return None: the chain is in flight (virtio-blk's Async engine), charged
+    already, and the device returns it when it completes."""
     if not limiter.enabled and not limiter.is_blocked:
-        return device.serve_each(queue, serve)
-    served = 0
+        return device.serve_each(queue, serve, chains_per_slice)
+    served = used = 0
     while served < chains_per_slice:
         if limiter.is_blocked:
             if queue.has_available():
@@ -361,9 +363,12 @@ def serve_limited(device: Any, queue: Any, limiter: RateLimiter, chains_per_slic
             queue.unpop(1)
             device.stats["throttled"] += 1
             break
-        queue.push_used(chain.head, serve(chain))
+        written = serve(chain)
+        if written is not None:
+            queue.push_used(chain.head, written)
+            used += 1
         served += 1
-    if served:
+    if used:
         device.interrupt.signal_used(queue)
     return served
 

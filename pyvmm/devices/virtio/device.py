@@ -216,15 +216,19 @@ class VirtioDevice:
         self.stats["failures"] += 1
         self.recent_errors.append(reason)
 
-    def serve_each(self, queue: Virtqueue, serve: Callable[[Chain], int]) -> int:
-        """Serve the available chains on `queue`, at most CHAINS_PER_SLICE (serve
-        returns the bytes it wrote into a chain), then interrupt the driver once
-        if it wants; returns how many."""
-        served = 0
-        while served < CHAINS_PER_SLICE and (chain := queue.pop()) is not None:
-            queue.push_used(chain.head, serve(chain))
+    def serve_each(self, queue: Virtqueue, serve: Callable[[Chain], int | None],
+                   budget: int = CHAINS_PER_SLICE) -> int:
+        """Serve the available chains on `queue`, at most `budget` (serve returns the
+        bytes it wrote into a chain, or None: the chain is in flight and the device
+        returns it later), then interrupt the driver once if it wants; returns how many."""
+        served = used = 0
+        while served < budget and (chain := queue.pop()) is not None:
+            written = serve(chain)
+            if written is not None:
+                queue.push_used(chain.head, written)
+                used += 1
             served += 1
-        if served:
+        if used:
             assert self.interrupt is not None
             self.interrupt.signal_used(queue)
         return served
