@@ -20,10 +20,13 @@ import select
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyvmm import seccomp
 from pyvmm.errors import PyvmmError
+
+if TYPE_CHECKING:
+    from pyvmm.devices.rate_limiter import TokenBucket
 
 ESCAPE = 0x01                   # Ctrl-A
 QUIT_KEY = ord("x")
@@ -50,9 +53,17 @@ class ConsoleSink:
     guest cannot fill the host's disk through its console.
     """
 
-    def __init__(self, spec: str = "none", limit: int = DEFAULT_FILE_LIMIT) -> None:
+    def __init__(self, spec: str = "none", limit: int = DEFAULT_FILE_LIMIT,
+                 rate_limiter: "TokenBucket | None" = None) -> None:
+        """rate_limiter: a serial rate limiter's bucket (bytes): output beyond it is
+        dropped and counted in rate_limited, as Firecracker's SerialOut drops it."""
         self.spec = spec
         self.limit = limit
+        self.rate_limiter = rate_limiter
+        self.rate_limited = 0             # bytes dropped by the rate limiter
+        if rate_limiter is not None:
+            from pyvmm.devices.rate_limiter import Reduction
+            self._taken = Reduction.SUCCESS
         self.written = 0                  # bytes that reached the file, pipe or terminal
         self.dropped = 0                  # bytes over the file's limit, or lost to an error
         self.system_calls = 0             # write(2)s: a chatty guest costs few of them
@@ -80,6 +91,10 @@ class ConsoleSink:
         if self._fd is None:
             return
         with self._changed:
+            if self.rate_limiter is not None and \
+                    self.rate_limiter.reduce(len(data))[0] is not self._taken:
+                self.rate_limited += len(data)
+                return
             if self._owned is not None:
                 room = max(0, self.limit - self._accepted)
                 if len(data) > room:

@@ -97,3 +97,16 @@ def test_the_users_text_is_kept_whole_and_in_order(params):
     line = Cmdline()
     line.add_text(" ".join(params))
     assert split_params(str(line)) == params
+
+
+def test_a_root_drive_with_partuuid_is_root_partuuid(tmp_path):
+    """Firecracker's append_root_device_cmdline: root=PARTUUID=<uuid> ro|rw."""
+    from pyvmm.boot.cmdline import build_cmdline
+    from pyvmm.config import VmSpec
+    for name in ("vmlinux", "root.img"):
+        (tmp_path / name).write_bytes(bytes(4096))
+    spec = VmSpec.build(kernel=tmp_path / "vmlinux", drives=[
+        {"drive_id": "rootfs", "path_on_host": str(tmp_path / "root.img"),
+         "is_root_device": True, "is_read_only": True, "partuuid": "0eaa91a0-01"}])
+    line = build_cmdline(spec, pvm=False)
+    assert "root=PARTUUID=0eaa91a0-01 ro" in line and "root=/dev/vda" not in line

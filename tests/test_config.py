@@ -99,10 +99,11 @@ def test_config_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("vcpus, smt, ok", [
-    (1, True, True), (2, True, True), (32, True, True), (3, True, False), (31, True, False),
-    (3, False, True), (0, False, False), (33, False, False)])
+    (1, False, True), (32, False, True), (3, False, True), (0, False, False),
+    (33, False, False), (2, True, False)])
 def test_vcpu_count_rules(vcpus, smt, ok):
-    """1 to 32; with smt, 1 or even (Firecracker's rule, its API document's wording)."""
+    """1 to 32; smt true is refused: not supported yet (it would need the CPU
+    topology of two threads per core)."""
     body = {"vcpu_count": vcpus, "mem_size_mib": 128, "smt": smt}
     if ok:
         assert MachineConfig.from_json(body).vcpu_count == vcpus

@@ -519,3 +519,23 @@ def test_update_on_a_device_wakes_it_with_its_new_limit(memory, disk):
     device.rate_limiter_fired("rate_limiter")
     assert [h for h, _ in driver.used()] == heads[1:]
     assert os.path.getsize(disk) > 0
+
+
+def test_serial_output_beyond_its_bucket_is_dropped_and_counted(tmp_path):
+    """PUT /serial's rate_limiter (a TokenBucket of bytes): Firecracker's SerialOut
+    drops a write it has no budget for, and counts it."""
+    from pyvmm.config import SerialConfig
+    from pyvmm.console import ConsoleSink
+    from pyvmm.devices.rate_limiter import TokenBucket
+    config = SerialConfig.from_json({"serial_out_path": str(tmp_path / "out"),
+                                     "rate_limiter": {"size": 4, "refill_time": 1_000_000}})
+    assert config.to_json()["rate_limiter"] == {"size": 4, "refill_time": 1_000_000}
+    assert SerialConfig.from_json({"rate_limiter": {"size": 0, "refill_time": 5}}) \
+        .rate_limiter is None                       # a zero bucket limits nothing
+    sink = ConsoleSink(f"file:{tmp_path / 'out'}",
+                       rate_limiter=TokenBucket.from_config(config.rate_limiter))
+    for byte in b"abcdefgh":                         # the UART hands over one byte a time
+        sink.write(bytes([byte]))
+    sink.close()
+    assert (tmp_path / "out").read_bytes() == b"abcd"
+    assert sink.rate_limited == 4

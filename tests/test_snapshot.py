@@ -766,7 +766,7 @@ def test_bad_load_bodies_are_400_and_the_process_stays_usable(snap_api):
         assert_usable_and_not_started(client, vm)
     # Raw bodies the JSON parser refuses.
     for raw, words in [(b'{"snapshot_path": "a", "snapshot_path": "b"}', "duplicate field"),
-                       (b"{", "not valid JSON"), (b"", "empty")]:
+                       (b"{", "not valid JSON"), (b"", "Empty PUT request")]:
         status, payload = client.request("PUT", "/snapshot/load", raw=raw)
         assert status == 400 and words in payload["fault_message"], payload
     assert client.payload("GET", "/vm/config", expect=200) == config

@@ -741,3 +741,19 @@ def test_corrupted_state_is_restored_or_refused(memory, disk, data):
         driver = HostDriver(t, memory, base=0x200000)
         driver.setup()                              # a reset and a fresh start always work
         assert blk_request(driver, T_IN, 0, 512)[2] == S_OK
+
+
+def test_blk_offers_flush_only_for_writeback(tmp_path):
+    """cache_type Unsafe (the default) offers no VIRTIO_BLK_F_FLUSH, as Firecracker."""
+    from pyvmm.builder import _create_device
+    from pyvmm.config import Drive
+    from pyvmm.devices.virtio.blk import VIRTIO_BLK_F_FLUSH
+    (tmp_path / "d.img").write_bytes(bytes(1 << 16))
+    for cache_type, offered in (("Unsafe", False), ("Writeback", True)):
+        drive = Drive.from_json({"drive_id": "d", "path_on_host": str(tmp_path / "d.img"),
+                                 "is_root_device": False, "cache_type": cache_type})
+        device = _create_device(drive)
+        try:
+            assert bool(device.features >> VIRTIO_BLK_F_FLUSH & 1) is offered, cache_type
+        finally:
+            device.close()

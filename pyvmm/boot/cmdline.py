@@ -127,6 +127,8 @@ def build_cmdline(spec: "VmSpec", pvm: bool,
         line.add(f"virtio_mmio.device=4K@{base:#x}:{irq}")
     root = next((d for d in spec.ordered_drives() if d.is_root_device), None)
     if root is not None:
-        line.extend(["root=/dev/vda", "ro" if root.is_read_only else "rw"])
+        # Firecracker's append_root_device_cmdline: the partition by its UUID if given.
+        line.extend([f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda",
+                     "ro" if root.is_read_only else "rw"])
     line.add_text(spec.kernel_args)
     return str(line)
