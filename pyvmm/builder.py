@@ -41,6 +41,8 @@ from pyvmm.machine import Bus, Machine
 
 if TYPE_CHECKING:
     from pyvmm.config import RateLimiterConfig
+    from pyvmm.mmds.service import Mmds
+    from pyvmm.mmds.store import DataStore
     from pyvmm.console import ConsoleCapture
     from pyvmm.kvm import Kvm
     from pyvmm.snapshot import OpenedSnapshot, SnapshotResult
@@ -72,11 +74,12 @@ class LinuxVm(Closeable):
 
     def __init__(self, spec: VmSpec, console: "ConsoleCapture", *,
                  pvm: bool | None = None, restore: "OpenedSnapshot | None" = None,
-                 kvm: "Kvm | None" = None) -> None:
+                 kvm: "Kvm | None" = None, mmds: "DataStore | None" = None) -> None:
         """console receives the guest's serial output.  pvm: apply the KVM PVM
         workarounds (None: when the host is KVM PVM).  restore: a snapshot to
         resume instead of booting (its memory becomes this VM's; spec is its
-        configuration); kvm: the /dev/kvm handle to use (the VM then owns it)."""
+        configuration); kvm: the /dev/kvm handle to use (the VM then owns it).
+        mmds: the metadata the MMDS of spec.mmds_config serves (the MicroVM's)."""
         spec.check_startable()
         assert spec.boot_source is not None
         devices = len(virtio_sections(spec))
@@ -85,6 +88,13 @@ class LinuxVm(Closeable):
         self.spec = spec
         self.console = console
         self.gdb = None                 # pyvmm.gdb.server.GdbServer (gdb_socket_path)
+        # MMDS: one service (its tokens' key is this VM's: a restored VM's differs, so
+        # tokens never outlive a VM), answered on each interface spec.mmds_config names.
+        self.mmds: "Mmds | None" = None
+        if spec.mmds_config is not None:
+            from pyvmm.mmds.service import Mmds
+            from pyvmm.mmds.store import DataStore
+            self.mmds = Mmds(spec.mmds_config, mmds if mmds is not None else DataStore())
         console.watch(INIT_MARKER)
         machine_config = spec.machine_config
         self._closed = False
@@ -160,7 +170,7 @@ class LinuxVm(Closeable):
             return                  # a VM without virtio devices never imports them
         from pyvmm.devices.virtio.mmio import attach
         for index, (name, section) in enumerate(devices):
-            device = _create_device(section)
+            device = _create_device(section, self.mmds)
             try:
                 self.virtio[name] = attach(self.machine, self.iothread, device, index, name)
             except BaseException:
@@ -171,6 +181,13 @@ class LinuxVm(Closeable):
                 # Each limiter's timer is served on the I/O thread; when it fires,
                 # the queue it held back is served again through the transport.
                 wire(self.iothread.watch, self.virtio[name].notify)
+            engine = getattr(device, "engine", None)
+            if engine is not None:
+                # io_engine "Async": completions are served on the I/O thread, and
+                # drained there before it parks for a pause (no request in flight).
+                self.iothread.add_eventfd(engine.eventfd,
+                                          device.engine_ready)  # type: ignore[attr-defined]
+                self.iothread.add_pause_hook(device.drain)     # type: ignore[attr-defined]
             if isinstance(section, Vsock):
                 # The muxer's sockets and timers are served on the I/O thread.
                 device.watch_backend = functools.partial(  # type: ignore[attr-defined]
@@ -310,6 +327,7 @@ class LinuxVm(Closeable):
         stats["serial_tx_bytes"] = self.uart.tx_bytes
         sink = self.console.sink
         stats["console"] = {"written": sink.written, "dropped": sink.dropped,
+                            "rate_limited": sink.rate_limited,
                             "system_calls": sink.system_calls}
         stats["virtio"] = {name: t.report() for name, t in self.virtio.items()}
         stats["io_thread"] = {"errors": self.iothread.error_count,
@@ -345,19 +363,26 @@ def virtio_sections(spec: VmSpec) -> list[tuple[str, object]]:
     return devices
 
 
-def _create_device(section: Drive | NetworkInterface | object) -> "VirtioDevice":
+def _create_device(section: Drive | NetworkInterface | object,
+                   mmds: "Mmds | None" = None) -> "VirtioDevice":
     """The virtio device model for one section of the configuration; each device
-    module is imported only when a VM has such a device."""
+    module is imported only when a VM has such a device.  mmds: the VM's metadata
+    service, answered inside the network interfaces its configuration names."""
     if isinstance(section, Drive):
         from pyvmm.devices.virtio.blk import Block
         return Block(Path(section.path_on_host), section.is_read_only, serial=section.drive_id,
-                     rate_limiter=section.rate_limiter)
+                     rate_limiter=section.rate_limiter,
+                     flush=section.cache_type == "Writeback", io_engine=section.io_engine)
     if isinstance(section, NetworkInterface):
         from pyvmm.devices.virtio.net import Net, default_mac, parse_mac
         mac = parse_mac(section.guest_mac) if section.guest_mac else \
             default_mac(section.iface_id)
+        stack = None
+        if mmds is not None and section.iface_id in mmds.config.network_interfaces:
+            from pyvmm.mmds.netstack import MmdsStack
+            stack = MmdsStack(mmds.config.ipv4_address, mmds.handle)
         return Net(section.host_dev_name, mac, rx_rate_limiter=section.rx_rate_limiter,
-                   tx_rate_limiter=section.tx_rate_limiter)
+                   tx_rate_limiter=section.tx_rate_limiter, mmds=stack)
     from pyvmm.config import Entropy
     if isinstance(section, Entropy):
         from pyvmm.devices.virtio.rng import Rng

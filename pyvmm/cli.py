@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+from typing import Any
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,9 +84,11 @@ def _build_parser() -> argparse.ArgumentParser:
     vm_flags.add_argument("--mem", type=parse_mem, default=None,
                           help="guest RAM in MiB, or with M/G (default 256)")
     vm_flags.add_argument("--cpus", type=int, default=None, help="number of vCPUs (default 1)")
-    vm_flags.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,root][,id=NAME]",
+    vm_flags.add_argument("--disk", action="append", default=[],
+                          metavar="PATH[,ro][,root][,id=NAME][,io_engine=async]",
                           help="a virtio-blk disk (repeatable); `root` makes it the root "
-                               "device (/dev/vda, root= on the command line)")
+                               "device (/dev/vda, root= on the command line); "
+                               "io_engine=async does its I/O through io_uring")
     vm_flags.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC][,id=NAME]",
                           help="a virtio-net interface on a TAP device (repeatable)")
     vm_flags.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
@@ -124,6 +127,12 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="advance the guest's clock by the time since the snapshot")
     restore.add_argument("--track-dirty-pages", action="store_true",
                          help="track dirty pages, for Diff snapshots of the restored VM")
+    run.add_argument("--mmds", "--metadata", type=Path, default=None, metavar="FILE",
+                     help="serve this JSON object to the guest as its metadata, over HTTP at "
+                          "169.254.169.254 inside virtio-net (Firecracker's MMDS; V2 on every "
+                          "--net interface unless the config file has an mmds-config)")
+    run.add_argument("--mmds-version", choices=("V1", "V2"), default=None,
+                     help="with --mmds and --net: V2 (session tokens, the default) or V1")
     run.add_argument("--config-file", type=Path,
                      help="a Firecracker config file (the JSON of GET /vm/config) instead of "
                           "the VM flags")
@@ -201,10 +210,12 @@ def _default_guest(build: bool):
 # -- the syntax of --disk and --net (the model itself is pyvmm.config) --------------------
 
 def parse_disk(text: str, index: int):
-    """`PATH[,ro][,root][,id=NAME]` (the `--disk` flag) as a pyvmm.config.Drive."""
+    """`PATH[,ro][,root][,id=NAME][,io_engine=sync|async]` (the `--disk` flag) as a
+    pyvmm.config.Drive."""
     from pyvmm.config import Drive
     path, *options = text.split(",")
     drive_id, read_only, root = f"drive{index}", False, False
+    engine = {}
     for option in options:
         if option == "ro":
             read_only = True
@@ -212,11 +223,13 @@ def parse_disk(text: str, index: int):
             root = True
         elif option.startswith("id="):
             drive_id = option[3:]
+        elif option.startswith("io_engine="):
+            engine["io_engine"] = option[10:].capitalize()    # Firecracker's Sync/Async
         else:
             raise PyvmmError(f"--disk {text}: unknown option {option!r}: use "
-                             "PATH[,ro][,root][,id=NAME]")
+                             "PATH[,ro][,root][,id=NAME][,io_engine=sync|async]")
     return Drive.from_json({"drive_id": drive_id, "path_on_host": path,
-                            "is_root_device": root, "is_read_only": read_only},
+                            "is_root_device": root, "is_read_only": read_only, **engine},
                            f"--disk {text}")
 
 
@@ -428,24 +441,64 @@ def _apply_gdb(spec, args: argparse.Namespace) -> None:
         spec.machine_config.gdb_wait = args.gdb_wait
 
 
+def _read_mmds(args: argparse.Namespace) -> Any:
+    """--mmds FILE's JSON (read before anything is built: a bad file is one line)."""
+    if args.mmds is None:
+        if args.mmds_version is not None:
+            raise PyvmmError("--mmds-version needs --mmds FILE")
+        return None
+    import json
+    try:
+        return json.loads(args.mmds.read_bytes())
+    except OSError as exc:
+        raise PyvmmError(f"cannot read --mmds {args.mmds}: {exc.strerror}") from None
+    except (ValueError, RecursionError) as exc:
+        raise PyvmmError(f"--mmds {args.mmds} is not valid JSON: {exc}") from None
+
+
+def _apply_mmds(spec, args: argparse.Namespace) -> None:
+    """--mmds on a VM built from flags: MMDS on every interface unless configured."""
+    if args.mmds is None or spec.mmds_config is not None:
+        if args.mmds_version is not None and spec.mmds_config is not None:
+            raise PyvmmError("--mmds-version cannot change the config file's mmds-config")
+        return
+    if not spec.network_interfaces:
+        raise PyvmmError("--mmds needs a --net interface: the guest reaches MMDS through "
+                         "virtio-net (no TAP traffic is involved)")
+    from pyvmm.mmds.config import MmdsConfig
+    spec.put_mmds_config(MmdsConfig(version=args.mmds_version or "V2",
+                                    network_interfaces=list(spec.network_interfaces)))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.no_api and args.api_sock is not None:
         raise PyvmmError("--no-api and --api-sock contradict each other: pick one")
     request = load_request_from_args(args)
     if request is not None and request.resume_vm is False and args.api_sock is None:
         raise PyvmmError("--paused needs --api-sock: nothing could resume the VM otherwise")
+    metadata = _read_mmds(args)
     _bind_api_socket(args)
     try:
         if request is None:
             spec = spec_from_args(args)
             _apply_gdb(spec, args)
+            _apply_mmds(spec, args)
             with _microvm(spec, args) as vm:
+                if metadata is not None:
+                    vm.mmds.put(metadata)
                 return _serve_vm(vm, args, start=True)
         if args.gdb is not None:
             raise PyvmmError("--gdb cannot be combined with restoring a snapshot yet")
+        if args.mmds_version is not None:
+            raise PyvmmError("--mmds-version cannot change a snapshot's MMDS configuration")
         from pyvmm.config import VmSpec
         with _microvm(VmSpec(), args) as vm:
             vm.load_snapshot(request)
+            if metadata is not None:
+                if vm.spec.mmds_config is None:
+                    raise PyvmmError("--mmds: the snapshot's VM has no MMDS configured "
+                                     "(its mmds-config is empty), so its guest cannot read it")
+                vm.mmds.put(metadata)       # a snapshot holds MMDS's config, never its data
             return _serve_vm(vm, args, start=False)
     finally:
         if args.http is not None:

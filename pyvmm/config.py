@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pyvmm.errors import PyvmmError
+from pyvmm.mmds.config import MmdsConfig
 
 MIN_MEM_MIB = 16
 MAX_MEM_MIB = 1 << 20
@@ -291,7 +292,8 @@ class MachineConfig:
               "track_dirty_pages": (bool, False), "huge_pages": (str, False),
               "cpu_template": (str, False), "gdb_socket_path": (str, False),
               "gdb_wait": (bool, False)}
-    UNSUPPORTED = {"huge_pages": "None", "cpu_template": "None"}
+    # smt would need the CPUID topology of two threads per core (pyvmm.boot.cpu).
+    UNSUPPORTED = {"huge_pages": "None", "cpu_template": "None", "smt": False}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "machine-config",
@@ -338,13 +340,21 @@ class Drive:
     is_root_device: bool = False
     is_read_only: bool = False
     rate_limiter: RateLimiterConfig | None = None
+    # The root partition's UUID: with is_root_device, `root=PARTUUID=...` instead of
+    # `root=/dev/vda` on the command line (Firecracker's append_root_device_cmdline).
+    partuuid: str | None = None
+    # Unsafe: no flush (VIRTIO_BLK_F_FLUSH is not offered, so the guest never asks for
+    # an fsync); Writeback: the flush is offered and each one fsyncs (Firecracker's).
+    cache_type: str = "Unsafe"
+    # Sync: preadv/pwritev on the I/O thread; Async: io_uring (pyvmm.devices.uring), as
+    # Firecracker's, refused when the VM is built on a host without io_uring.
+    io_engine: str = "Sync"
 
     FIELDS = {"drive_id": (str, True), "path_on_host": (str, True),
               "is_root_device": (bool, True), "is_read_only": (bool, False),
               "partuuid": (str, False), "cache_type": (str, False), "io_engine": (str, False),
               "rate_limiter": (dict, False), "socket": (str, False)}
-    UNSUPPORTED = {"partuuid": None, "cache_type": "Unsafe", "io_engine": "Sync",
-                   "socket": None}
+    UNSUPPORTED = {"socket": None}
     PATCH_FIELDS = {"drive_id": (str, True), "path_on_host": (str, False),
                     "rate_limiter": (dict, False)}
 
@@ -362,9 +372,15 @@ class Drive:
             if name in f and f[name] not in allowed:
                 raise ConfigError(f"{where}: {name} must be {' or '.join(allowed)}")
         _unsupported(where, f, cls.UNSUPPORTED)
+        if "partuuid" in f and (not f["partuuid"] or
+                                any(c.isspace() or not c.isprintable() for c in f["partuuid"])):
+            raise ConfigError(f"{where}: partuuid {_describe(f['partuuid'])} is invalid: give "
+                              "the partition's UUID as blkid prints it (no spaces)")
         drive = cls(f["drive_id"], f["path_on_host"], f["is_root_device"],
                     f.get("is_read_only", False),
-                    RateLimiterConfig.optional(f, "rate_limiter", where))
+                    RateLimiterConfig.optional(f, "rate_limiter", where),
+                    partuuid=f.get("partuuid"), cache_type=f.get("cache_type", "Unsafe"),
+                    io_engine=f.get("io_engine", "Sync"))
         _existing_file(where, "path_on_host", drive.path_on_host,
                        writable=not drive.is_read_only)
         return drive
@@ -388,7 +404,8 @@ class Drive:
     def to_json(self) -> dict:
         return {"drive_id": self.drive_id, "path_on_host": self.path_on_host,
                 "is_root_device": self.is_root_device, "is_read_only": self.is_read_only,
-                "cache_type": "Unsafe", "io_engine": "Sync",
+                "cache_type": self.cache_type, "io_engine": self.io_engine,
+                **({"partuuid": self.partuuid} if self.partuuid is not None else {}),
                 **({"rate_limiter": self.rate_limiter.to_json()} if self.rate_limiter else {})}
 
 
@@ -567,17 +584,30 @@ class Logger:
 @dataclass
 class Metrics:
     metrics_path: str
+    # Firecracker's: every metrics line gets a top-level "id" (the VM's id) and a
+    # "properties" object of these operator-given strings.
+    emit_id: bool = False
+    properties: dict[str, str] | None = None
 
-    FIELDS = {"metrics_path": (str, True)}
+    FIELDS = {"metrics_path": (str, True), "emit_id": (bool, False), "properties": (dict, False)}
 
     @classmethod
     def from_json(cls, body: Any, where: str = "metrics") -> "Metrics":
         f = _object(where, body, cls.FIELDS)
         _output_path(where, "metrics_path", f["metrics_path"])
+        for key, value in f.get("properties", {}).items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: properties[{_describe(key)}] must be a string, "
+                                  f"not {_describe(value)}")
         return cls(**f)
 
     def to_json(self) -> dict:
-        return {"metrics_path": self.metrics_path}
+        out: dict[str, Any] = {"metrics_path": self.metrics_path}
+        if self.emit_id:
+            out["emit_id"] = True
+        if self.properties is not None:
+            out["properties"] = dict(self.properties)
+        return out
 
 
 @dataclass
@@ -586,6 +616,9 @@ class SerialConfig:
     # A pyvmm extension: a console file stops growing here (what follows is dropped
     # and counted), so that a guest cannot fill the host's disk through its console.
     serial_out_max_bytes: int = DEFAULT_SERIAL_OUT_MAX_BYTES
+    # Firecracker's: one token bucket (bytes) for the output; what the guest writes
+    # beyond it is dropped and counted (pyvmm.console.ConsoleSink).  None: unlimited.
+    rate_limiter: TokenBucketConfig | None = None
 
     FIELDS = {"serial_out_path": (str, False), "rate_limiter": (dict, False),
               "serial_out_max_bytes": (int, False)}
@@ -593,19 +626,23 @@ class SerialConfig:
     @classmethod
     def from_json(cls, body: Any, where: str = "serial") -> "SerialConfig":
         f = _object(where, body, cls.FIELDS)
-        _unsupported(where, f, {"rate_limiter": None})
+        bucket = TokenBucketConfig.from_json(f["rate_limiter"], f"{where}: rate_limiter") \
+            if "rate_limiter" in f else None
         if "serial_out_path" in f:
             _output_path(where, "serial_out_path", f["serial_out_path"])
         limit = f.get("serial_out_max_bytes", DEFAULT_SERIAL_OUT_MAX_BYTES)
         if not 0 <= limit <= MAX_SERIAL_OUT_MAX_BYTES:
             raise ConfigError(f"{where}: serial_out_max_bytes {limit} is out of range: use 0 "
                               f"to {MAX_SERIAL_OUT_MAX_BYTES}")
-        return cls(f.get("serial_out_path"), limit)
+        return cls(f.get("serial_out_path"), limit,
+                   bucket if bucket is not None and bucket.enabled else None)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {}
         if self.serial_out_path is not None:
             out["serial_out_path"] = self.serial_out_path
+        if self.rate_limiter is not None:
+            out["rate_limiter"] = self.rate_limiter.to_json()
         if self.serial_out_max_bytes != DEFAULT_SERIAL_OUT_MAX_BYTES:
             out["serial_out_max_bytes"] = self.serial_out_max_bytes
         return out
@@ -614,7 +651,7 @@ class SerialConfig:
 # -- the whole VM ---------------------------------------------------------------
 
 # Firecracker config-file sections pyvmm does not implement: accepted only when null or empty.
-UNSUPPORTED_SECTIONS = ("balloon", "cpu-config", "mmds-config", "pmem", "memory-hotplug")
+UNSUPPORTED_SECTIONS = ("balloon", "cpu-config", "pmem", "memory-hotplug")
 
 
 @dataclass
@@ -629,6 +666,9 @@ class VmSpec:
     logger: Logger | None = None
     metrics: Metrics | None = None
     serial: SerialConfig | None = None
+    # MMDS's configuration (pyvmm.mmds): which interfaces answer it, and how.  Its
+    # data is not configuration: it lives in the MicroVM (and is not in a snapshot).
+    mmds_config: MmdsConfig | None = None
 
     # -- updates (each checks the whole-VM rules) -----------------------------------
 
@@ -652,6 +692,18 @@ class VmSpec:
                                   f"{iface.guest_mac} is already used by {other.iface_id}")
         self.network_interfaces[iface.iface_id] = iface
 
+    def put_mmds_config(self, config: MmdsConfig) -> None:
+        """Firecracker's check: every interface named must exist already."""
+        missing = [name for name in config.network_interfaces
+                   if name not in self.network_interfaces]
+        if missing:
+            raise ConfigError(
+                f"mmds-config: network interface {missing[0]!r} does not exist: the list of "
+                "network interface IDs provided contains at least one ID that does not "
+                "correspond to any existing network interface (add it first with "
+                "PUT /network-interfaces)")
+        self.mmds_config = config
+
     def ordered_drives(self) -> list[Drive]:
         """The root device first (it becomes /dev/vda, as in Firecracker), then in the
         order they were added."""
@@ -661,7 +713,7 @@ class VmSpec:
     # -- JSON -------------------------------------------------------------------
 
     SECTIONS = ("boot-source", "machine-config", "drives", "network-interfaces", "entropy",
-                "vsock", "logger", "metrics", "serial") + UNSUPPORTED_SECTIONS
+                "vsock", "logger", "metrics", "serial", "mmds-config") + UNSUPPORTED_SECTIONS
 
     @classmethod
     def from_json(cls, body: Any, where: str = "config") -> "VmSpec":
@@ -677,7 +729,7 @@ class VmSpec:
         unknown = sorted(set(body) - set(cls.SECTIONS))
         if unknown:
             raise ConfigError(f"{where}: unknown section {unknown[0]!r}; the sections are "
-                              f"{', '.join(cls.SECTIONS[:9])}")
+                              f"{', '.join(cls.SECTIONS[:10])}")
         for name in UNSUPPORTED_SECTIONS:
             if body.get(name) not in (None, [], {}):
                 raise ConfigError(f"{where}: {name} {NOT_SUPPORTED}")
@@ -706,6 +758,8 @@ class VmSpec:
                            ("metrics", Metrics), ("serial", SerialConfig)):
             if body.get(name) is not None:
                 setattr(spec, name, kind.from_json(body[name]))
+        if body.get("mmds-config") is not None:     # after the interfaces it names
+            spec.put_mmds_config(MmdsConfig.from_json(body["mmds-config"], "mmds-config"))
         return spec
 
     @classmethod
@@ -729,7 +783,7 @@ class VmSpec:
             "logger": opt(self.logger),
             "machine-config": self.machine_config.to_json(),
             "metrics": opt(self.metrics),
-            "mmds-config": None,
+            "mmds-config": opt(self.mmds_config),
             "network-interfaces": [n.to_json() for n in self.network_interfaces.values()],
             "vsock": opt(self.vsock),
             "entropy": opt(self.entropy),

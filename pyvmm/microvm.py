@@ -58,6 +58,15 @@ class MicroVMError(PyvmmError):
 _NO_LIMIT = RateLimiterConfig()
 
 
+def _serial_bucket(config: Any) -> Any:
+    """The serial rate limiter's pyvmm.devices.rate_limiter.TokenBucket, from its
+    pyvmm.config.TokenBucketConfig; None when there is none (Firecracker's)."""
+    if config is None:
+        return None
+    from pyvmm.devices.rate_limiter import TokenBucket
+    return TokenBucket.from_config(config)
+
+
 def _limiter_update(value: "RateLimiterConfig | dict", where: str) -> RateLimiterConfig:
     """A PATCH's rate limiter, given as the model or as its JSON."""
     return value if isinstance(value, RateLimiterConfig) else \
@@ -81,6 +90,7 @@ SECTIONS: dict[str, Callable[[VmSpec, Any], None]] = {
     "serial": _set_section("serial"),
     "logger": _set_section("logger"),
     "metrics": _set_section("metrics"),
+    "mmds_config": VmSpec.put_mmds_config,
 }
 
 
@@ -108,7 +118,8 @@ class MicroVM(Closeable):
                  profile_guest: str | os.PathLike | None = None,
                  profile_hz: int | None = None,
                  trace: str | os.PathLike | None = None,
-                 trace_limit_mib: int | None = None) -> None:
+                 trace_limit_mib: int | None = None,
+                 mmds: Any = None, mmds_config: Any = None) -> None:
         """Without spec, the keyword arguments build one; without kernel, the
         built-in guest boots (its PVH vmlinux and initramfs).  console is where the
         guest's output also goes: none (default), stdio or file:PATH.  vsock: a
@@ -116,7 +127,11 @@ class MicroVM(Closeable):
         seccomp: the filters of the VM's own threads (vCPUs, I/O, console writer,
         metrics): True (pyvmm's, the default), False, or a filter file's path
         (docs/seccomp.md).  The caller's threads are never filtered.
-        host_decompress=False lets a bzImage decompress its kernel in the guest."""
+        host_decompress=False lets a bzImage decompress its kernel in the guest.
+        mmds: the metadata (a JSON object) the guest reads from MMDS at
+        169.254.169.254; mmds_config: a pyvmm.mmds.config.MmdsConfig or its JSON
+        (Firecracker's PUT /mmds/config); without it, mmds alone serves V2 on
+        every network interface."""
         self.seccomp = seccomp_filters.resolve(seccomp)
         # profile_guest: sample every vCPU's RIP and ring into this file while the VM
         # runs, profile_hz times a second (docs/profiler.md; `pyvmm profile` reads it).
@@ -152,6 +167,12 @@ class MicroVM(Closeable):
             if vsock is not None:
                 from pyvmm.config import Vsock
                 spec.vsock = vsock if isinstance(vsock, Vsock) else Vsock.from_json(vsock)
+            if mmds_config is None and mmds is not None:
+                mmds_config = {"version": "V2", "network_interfaces": list(spec.network_interfaces)}
+            if mmds_config is not None:
+                from pyvmm.mmds.config import MmdsConfig
+                spec.put_mmds_config(mmds_config if isinstance(mmds_config, MmdsConfig)
+                                     else MmdsConfig.from_json(mmds_config, "mmds_config"))
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vm_id):
             raise MicroVMError(f"instance id {vm_id!r} is invalid: use 1 to 64 letters, digits "
                                "or dashes")
@@ -176,6 +197,9 @@ class MicroVM(Closeable):
         self._log_handler: logging.Handler | None = None
         self._closed = False
         self._agents: dict = {}              # vsock port -> pyvmm.agent.client.Agent
+        self._mmds = None                    # pyvmm.mmds.store.DataStore, made on first use
+        if mmds is not None:
+            self.mmds.put(mmds)
         # Firecracker's boot_path: set by any configuration but the process's own
         # (logger, metrics, serial), whatever its values, even if it is refused.
         self._boot_path = False
@@ -282,7 +306,10 @@ class MicroVM(Closeable):
         self._metrics = MetricsWriter(
             config.metrics_path,
             counters=lambda: metrics_from_stats(self.stats, self.api_counters),
-            header=lambda: {"vmm": {"id": self.vm_id, "state": self.state}})
+            header=lambda: {**({"id": self.vm_id} if config.emit_id else {}),
+                            **({"properties": config.properties}
+                               if config.properties is not None else {}),
+                            "vmm": {"id": self.vm_id, "state": self.state}})
         self._metrics.seccomp = self.seccomp
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -296,11 +323,37 @@ class MicroVM(Closeable):
             factory = self.vm_factory
             if factory is None:
                 from pyvmm.builder import LinuxVm as factory
-            self._run(factory(self.spec, self.capture), paused=False)
+            self._run(factory(self.spec, self.capture, **self._mmds_option()), paused=False)
             machine = self.spec.machine_config
             log.info("microVM %s started: %d vCPUs, %d MiB, kernel %s", self.vm_id,
                      machine.vcpu_count, machine.mem_size_mib,
                      self.spec.boot_source.kernel_image_path)
+
+    # -- MMDS's data: not configuration (not in GET /vm/config, not in a snapshot) -------
+
+    @property
+    def mmds(self):
+        """The metadata the guest reads from MMDS (pyvmm.mmds.store.DataStore: put,
+        patch as an RFC 7396 merge patch, get), at any time; created on first use, as
+        Firecracker's data store is."""
+        with self._lock:
+            if self._mmds is None:
+                from pyvmm.mmds.store import DataStore
+                self._mmds = DataStore()
+            return self._mmds
+
+    def mmds_if_initialized(self):
+        """The data store for the API's /mmds: before start, created on first use;
+        after, only a VM serving MMDS has one (Firecracker's runtime finds it through
+        the network devices, and answers "not initialized" otherwise)."""
+        with self._lock:
+            if self._state == NOT_STARTED:
+                return self.mmds
+            return self._mmds if self.spec.mmds_config is not None else None
+
+    def _mmds_option(self) -> dict:
+        """The builder's mmds= argument: the data store, for a VM whose spec serves MMDS."""
+        return {} if self.spec.mmds_config is None else {"mmds": self.mmds}
 
     def _check_not_started(self) -> None:
         if self._closed:
@@ -314,7 +367,8 @@ class MicroVM(Closeable):
         self.capture.sink = ConsoleSink(
             f"file:{serial.serial_out_path}" if serial and serial.serial_out_path
             else self.console,
-            limit=serial.serial_out_max_bytes if serial else DEFAULT_SERIAL_OUT_MAX_BYTES)
+            limit=serial.serial_out_max_bytes if serial else DEFAULT_SERIAL_OUT_MAX_BYTES,
+            rate_limiter=_serial_bucket(serial.rate_limiter if serial else None))
 
     def _run(self, vm: Any, paused: bool) -> None:
         """Start a built VM (booting, or a loaded snapshot) and watch it end."""
@@ -405,7 +459,8 @@ class MicroVM(Closeable):
                     setattr(opened.spec, name, getattr(self.spec, name))
                 self.spec = opened.spec
                 self._open_console()
-                vm = LinuxVm(self.spec, self.capture, restore=opened, kvm=kvm)
+                vm = LinuxVm(self.spec, self.capture, restore=opened, kvm=kvm,
+                             **self._mmds_option())
                 self._run(vm, paused=not request.resume_vm)
             except BaseException:
                 self.spec = previous        # unconfigured still: a load may be tried again

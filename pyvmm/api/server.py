@@ -3,8 +3,9 @@
 Every route of Firecracker's API (v1.x) is answered: the ones pyvmm implements
 as Firecracker does (204 with no body on PUT/PATCH success, 200 with JSON on
 GET, 400 {"fault_message": ...} on any error), the others with a 400 whose
-fault_message says they are not supported yet.  The document describing what
-is implemented is pyvmm/api/openapi.json.
+fault_message says they are not supported yet.  Requests Firecracker has no route
+for are answered with its own words (pyvmm.api.routing).  The document describing
+what is implemented is pyvmm/api/openapi.json.
 
 Requests are handled one at a time (a lock), as Firecracker's API thread does;
 a slow client only holds its own connection's thread.
@@ -18,6 +19,7 @@ import threading
 from typing import Any, Callable
 
 from pyvmm.api.http import HttpServer, Request, Response, fault
+from pyvmm.api.routing import Refused, firecracker_route, invalid_path_method, segments
 from pyvmm.config import (BootSource, Drive, Entropy, Logger, MachineConfig,
                           Metrics, NetworkInterface, SerialConfig, Vsock)
 from pyvmm.errors import PyvmmError
@@ -34,7 +36,6 @@ NOT_SUPPORTED_ROUTES = [
     (re.compile(r"/balloon(/.*)?"), "the balloon device"),
     (re.compile(r"/cpu-config"), "custom CPU templates (cpu-config)"),
     (re.compile(r"/pmem/[^/]*"), "virtio-pmem devices"),
-    (re.compile(r"/mmds(/config)?"), "the microVM metadata service (MMDS)"),
     (re.compile(r"/hotplug/memory"), "memory hot-plug"),
 ]
 
@@ -99,6 +100,9 @@ class ApiController:
             R(r"/entropy", PUT=self.put_entropy),
             R(r"/vsock", PUT=self.put_vsock),
             R(r"/actions", PUT=self.put_action),
+            R(r"/mmds", GET=self.get_mmds, PUT=self.put_mmds, PATCH=self.patch_mmds),
+            R(r"/mmds/config", PUT=self.put_mmds_config),
+            R(r"/mmds/(?P<rest>[^/]+)", PUT=self.put_mmds_other),
             R(r"/vm", PATCH=self.patch_vm),
             R(r"/vm/config", GET=self.get_vm_config),
             R(r"/logger", PUT=self.put_logger),
@@ -129,25 +133,31 @@ class ApiController:
         return response
 
     def _dispatch(self, request: Request) -> Response:
-        path, method = request.path, request.method
-        if len(path) > 1 and path.endswith("/"):
-            path = path.rstrip("/") or "/"
+        method = request.method
+        # Firecracker's routing (pyvmm.api.routing): a request it has no route for
+        # gets its answer, word for word; the others, the path of their route here.
+        path = firecracker_route(method, request.target, bool(request.body))
+        if isinstance(path, Refused):
+            return Response(400, fault(path.message))
+        if method == "DELETE":          # DELETE /drives/{id} ...: hot-unplug
+            return Response(400, fault(BEFORE_START if self.vm.state == "Not started" else
+                                       f"DELETE {request.path}: hot-unplugging a device is "
+                                       "not supported yet by pyvmm."))
         for pattern, methods in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             handler = methods.get(method)
             if handler is None:
-                return Response(400, fault(f"Invalid request method and/or path: {method} "
-                                           f"{request.path}. {path} accepts "
-                                           f"{', '.join(methods)}."))
+                break
             try:
                 args = match.groupdict()
                 if method in ("PUT", "PATCH"):
                     args["body"] = parse_body(request.body)
                 result = handler(**args)
             except PyvmmError as exc:
-                return Response(400, fault(str(exc)))
+                # An error may carry its own status (MMDS's store limit is a 413).
+                return Response(getattr(exc, "http_status", 400), fault(str(exc)))
             except OSError as exc:
                 return Response(400, fault(f"{exc.strerror or exc}"
                                            f"{': ' + str(exc.filename) if exc.filename else ''}"))
@@ -158,8 +168,7 @@ class ApiController:
             if pattern.fullmatch(path):
                 return Response(400, fault(f"{method} {request.path}: {what} is not supported "
                                            "yet by pyvmm."))
-        return Response(400, fault(f"Invalid request method and/or path: {method} "
-                                   f"{request.path}."))
+        return Response(400, fault(invalid_path_method(method, (segments(path) or [""])[0]).message))
 
     # -- handlers: each returns None (204) or a JSON value (200) -------------------------
 
@@ -246,6 +255,42 @@ class ApiController:
         else:
             raise ApiError(f"PUT /actions: unknown action_type {action!r}: use InstanceStart, "
                            "SendCtrlAltDel or FlushMetrics")
+
+    # -- MMDS: the configuration before start; the data at any time ---------------------
+
+    def put_mmds_config(self, body: Any) -> None:
+        from pyvmm.mmds.config import MmdsConfig
+        self._configure("mmds_config", lambda: MmdsConfig.from_json(body, "PUT /mmds/config"))
+
+    def put_mmds_other(self, rest: str, body: Any) -> None:
+        raise ApiError(f"Unrecognized PUT request path `{rest}`.")   # Firecracker's words
+
+    def _mmds_store(self):
+        store = self.vm.mmds_if_initialized()
+        if store is None:
+            raise ApiError("MMDS error: The MMDS data store is not initialized. (Configure "
+                           "MMDS with PUT /mmds/config before InstanceStart.)")
+        return store
+
+    def get_mmds(self) -> Any:
+        value = self._mmds_store().get()
+        return {} if value is None else value       # Firecracker shows an empty store as {}
+
+    def put_mmds(self, body: Any) -> None:
+        self._mmds_call(lambda store: store.put(body))
+
+    def patch_mmds(self, body: Any) -> None:
+        self._mmds_call(lambda store: store.patch(body))
+
+    def _mmds_call(self, call: Callable[[Any], None]) -> None:
+        from pyvmm.mmds.config import MmdsError
+        store = self._mmds_store()
+        try:
+            call(store)
+        except MmdsError as exc:          # with Firecracker's status: 413 for the limit
+            error = ApiError(str(exc))
+            error.http_status = exc.status      # type: ignore[attr-defined]
+            raise error from None
 
     def patch_vm(self, body: Any) -> None:
         if not isinstance(body, dict) or set(body) != {"state"} or \

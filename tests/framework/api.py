@@ -65,9 +65,10 @@ class FakeLinuxVm:
     no console output.  Built as MicroVM.vm_factory is called: (spec, console)."""
     instances: list["FakeLinuxVm"] = []
 
-    def __init__(self, spec, console) -> None:
+    def __init__(self, spec, console, mmds=None) -> None:
         self.spec = spec                      # the pyvmm.config.VmSpec it was built from
         self.console = console                # the pyvmm.console.ConsoleCapture
+        self.mmds = mmds                      # the MicroVM's MMDS data store, if it serves one
         self.calls: list[str] = []
         self.pvm = False
         self.sent = b""
