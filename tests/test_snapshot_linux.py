@@ -274,11 +274,16 @@ def firecracker_python_api():
     import importlib
     import importlib.util
     import types
+    if "firecracker.api" in sys.modules:        # a second caller (test_mmds_linux): reuse
+        return sys.modules["firecracker.api"]
     spec = importlib.util.find_spec("firecracker")
     if spec is None:
         pytest.fail("firecracker-python is not installed: run scripts/setup")
     package = types.ModuleType("firecracker")
     package.__path__ = list(spec.submodule_search_locations)
+    # With its spec, a later find_spec("firecracker") answers instead of raising
+    # "firecracker.__spec__ is None" (what CI hit when test_mmds_linux ran first).
+    package.__spec__ = spec
     sys.modules.setdefault("firecracker", package)
     return importlib.import_module("firecracker.api")
 
