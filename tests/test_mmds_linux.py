@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tests.framework.api import firecracker_python_api
 from tests.framework.microvm import run_in_shell
 from tests.framework.netns import GUEST_IP, HOST_IP
 from tests.framework.process import Process, pyvmm_command
@@ -168,11 +169,6 @@ def test_v1_a_restored_vm_keeps_the_mmds_config_but_not_the_data(v1_vm, netns, t
 
 TOKEN_REQUEST = ("printf 'PUT /latest/api/token HTTP/1.1\\r\\nHost: {ip}\\r\\n{header}: {ttl}"
                  "\\r\\nConnection: close\\r\\n\\r\\n' | nc -w 5 {ip} 80")
-
-
-def firecracker_python_api():
-    from tests.test_snapshot_linux import firecracker_python_api as load
-    return load()
 
 
 @pytest.fixture(scope="module")

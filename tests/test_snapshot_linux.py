@@ -21,6 +21,7 @@ import pytest
 
 from pyvmm.snapshot import merge
 from pyvmm.snapshot.clones import copy_image, memory_usage, start_clones
+from tests.framework.api import firecracker_python_api
 from tests.framework.microvm import run_in_shell
 from tests.framework.netns import GUEST_IP, HOST_IP, NetNamespace
 from tests.framework.process import Process, pyvmm_command
@@ -265,27 +266,6 @@ def test_uffd_backend_restores_through_a_handler_process(snapshot, netns, tmp_pa
             vm.close()
         handler.kill()
         handler.wait()
-
-
-def firecracker_python_api():
-    """firecracker-python's API client (PyPI firecracker-python 0.0.5, installed by
-    scripts/setup), unchanged: its `firecracker.api` module only, because importing the
-    package runs its Firecracker-binary checks and pulls in docker and paramiko."""
-    import importlib
-    import importlib.util
-    import types
-    if "firecracker.api" in sys.modules:        # a second caller (test_mmds_linux): reuse
-        return sys.modules["firecracker.api"]
-    spec = importlib.util.find_spec("firecracker")
-    if spec is None:
-        pytest.fail("firecracker-python is not installed: run scripts/setup")
-    package = types.ModuleType("firecracker")
-    package.__path__ = list(spec.submodule_search_locations)
-    # With its spec, a later find_spec("firecracker") answers instead of raising
-    # "firecracker.__spec__ is None" (what CI hit when test_mmds_linux ran first).
-    package.__spec__ = spec
-    sys.modules.setdefault("firecracker", package)
-    return importlib.import_module("firecracker.api")
 
 
 # Last in the module: the API cannot point the restored drive at a copy (Firecracker
