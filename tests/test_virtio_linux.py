@@ -177,7 +177,7 @@ def test_discard_and_write_zeroes_in_the_pattern(vm):
 
 
 ASYNC_BYTES = 512 << 10
-ASYNC_BLOCKS = ASYNC_BYTES // 65536
+ASYNC_DD = f"bs=65536 count={ASYNC_BYTES // 65536}"     # dd's arguments for ASYNC_BYTES
 
 
 def test_an_async_disk_writes_flushes_and_reads_back(vm):
@@ -187,11 +187,11 @@ def test_an_async_disk_writes_flushes_and_reads_back(vm):
     # read-only disk's random bytes (no two 4 KiB blocks alike, so a block at the
     # wrong offset shows), moved with dd only: busybox seq and head -c make a system
     # call every few bytes, and on KVM PVM that took two minutes each (CI: 736 s).
-    out = run_in_shell(vm, f"dd if=/dev/vdc of=/tmp/pattern bs=65536 count={ASYNC_BLOCKS} "
+    out = run_in_shell(vm, f"dd if=/dev/vdc of=/tmp/pattern {ASYNC_DD} "
                            "2>/dev/null && "
                            "dd if=/tmp/pattern of=/dev/vdd bs=4096 conv=fsync 2>/dev/null && "
                            "echo 3 > /proc/sys/vm/drop_caches && "
-                           f"dd if=/dev/vdd of=/tmp/back bs=65536 count={ASYNC_BLOCKS} "
+                           f"dd if=/dev/vdd of=/tmp/back {ASYNC_DD} "
                            "2>/dev/null && cmp /tmp/back /tmp/pattern && echo SAME",
                        timeout=SLOW)
     assert "SAME" in out, out
@@ -300,7 +300,8 @@ def test_after_shutdown_the_host_reads_what_the_guest_wrote(vm, disks):
     cat = subprocess.run(["debugfs", "-R", "cat /hello", str(disks["ext4"])],
                          capture_output=True, text=True)
     assert cat.stdout.strip() == "from-the-guest"
-    assert hashlib.sha256(disks["ro"].read_bytes()).hexdigest() == disks["ro_sha"]
+    read_only = disks["ro"].read_bytes()
+    assert hashlib.sha256(read_only).hexdigest() == disks["ro_sha"]
     written = disks["async"].read_bytes()       # the io_engine "Async" disk
-    assert written[:ASYNC_BYTES] == disks["ro"].read_bytes()[:ASYNC_BYTES]
+    assert written[:ASYNC_BYTES] == read_only[:ASYNC_BYTES]
     assert written[ASYNC_BYTES:] == bytes(len(written) - ASYNC_BYTES)
